@@ -1,0 +1,47 @@
+// The extension module torchslim._C: the one schema block of the torchslim operator
+// library, and the pybind11 module that carries non-tensor helpers (build_info).
+#include <pybind11/pybind11.h>
+
+#include "kernels/cpu/cpu_features.h"
+#include "ops/registration.h"
+
+#ifndef TORCHSLIM_VERSION
+#define TORCHSLIM_VERSION "0.0.0+dev"
+#endif
+#ifndef TORCHSLIM_TORCH_VERSION
+#define TORCHSLIM_TORCH_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(torchslim, m) {
+  torchslim::define_masked_linear_ops(m);
+  torchslim::define_codebook_linear_ops(m);
+  torchslim::define_kd_loss_ops(m);
+}
+
+namespace py = pybind11;
+
+static py::dict build_info() {
+  py::dict info;
+  info["version"] = TORCHSLIM_VERSION;
+  info["torch_version_built"] = TORCHSLIM_TORCH_VERSION;
+#ifdef TORCHSLIM_WITH_CUDA
+  info["cuda_built"] = true;
+#else
+  info["cuda_built"] = false;
+#endif
+  info["simd"] = torchslim::cpu::simd_level_name(torchslim::cpu::simd_level());
+#if defined(__x86_64__)
+  info["arch"] = "x86_64";
+#elif defined(__aarch64__)
+  info["arch"] = "aarch64";
+#else
+  info["arch"] = "other";
+#endif
+  info["compiler"] = __VERSION__;
+  return info;
+}
+
+PYBIND11_MODULE(_C, mod) {
+  mod.doc() = "torchslim compiled kernels (ops are registered as torch.ops.torchslim.*)";
+  mod.def("build_info", &build_info, "What this extension was built with and the SIMD level chosen at run time.");
+}
