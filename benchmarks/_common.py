@@ -1,0 +1,80 @@
+"""Shared benchmark helpers: the same timing discipline, table and JSON format for every op.
+
+Timing uses torch.utils.benchmark (warm-up, then blocked autorange; CUDA synchronised by
+the Timer) and reports the 20th/50th/80th percentiles of the per-block times in ms.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.utils.benchmark as tbench
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def time_ms(fn, min_run_time: float = 0.3, warmup: int = 3) -> dict:
+    """Run fn() repeatedly; return {'p20', 'p50', 'p80'} in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    measurement = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = np.asarray(measurement.times) * 1e3
+    return {"p20": float(np.percentile(times, 20)), "p50": float(np.percentile(times, 50)),
+            "p80": float(np.percentile(times, 80))}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    import torchslim
+
+    info = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "torchslim": torchslim.build_info(),
+        "device": device,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def print_table(rows: list[dict], columns: list[str], title: str = "") -> None:
+    """Print rows as a fixed-width table (floats to 3 significant decimals)."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3f}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    if title:
+        print(f"\n## {title}")
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def write_json(name: str, rows: list[dict], device: str = "cpu", path: str | None = None) -> Path:
+    """Write {'machine': ..., 'rows': rows} to benchmarks/results/<name>.json (or path)."""
+    out = Path(path) if path else RESULTS_DIR / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": name, "machine": machine_info(device), "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+    return out
