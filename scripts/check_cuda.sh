@@ -24,7 +24,7 @@ for cu in csrc/kernels/cuda/*.cu; do
   n=$((n + 1))
 done
 for cpp in csrc/ops/*.cpp csrc/module.cpp; do
-  g++ -std=c++17 -fsyntax-only -DTORCHSLIM_WITH_CUDA=1 -Icsrc $TORCH_INC -I"$CUDA_HOME/include" "$cpp"
+  g++ -std=c++20 -fsyntax-only -DTORCHSLIM_WITH_CUDA=1 -Icsrc $TORCH_INC -I"$CUDA_HOME/include" "$cpp"
   echo "check_cuda: glue ok  $cpp"
 done
 echo "check_cuda: $n CUDA kernel files compiled for sm_80 and sm_90"
