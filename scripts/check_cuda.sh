@@ -23,7 +23,7 @@ for cu in csrc/kernels/cuda/*.cu; do
   echo "check_cuda: nvcc ok  $cu"
   n=$((n + 1))
 done
-for cpp in csrc/ops/*.cpp csrc/module.cpp; do
+for cpp in csrc/ops/*.cpp; do
   g++ -std=c++20 -fsyntax-only -DTORCHSLIM_WITH_CUDA=1 -Icsrc $TORCH_INC -I"$CUDA_HOME/include" "$cpp"
   echo "check_cuda: glue ok  $cpp"
 done
