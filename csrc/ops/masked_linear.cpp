@@ -26,8 +26,8 @@
 #include "ops/registration.h"
 
 #ifdef TORCHSLIM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "kernels/cuda/masked_linear.h"
 #endif
@@ -322,6 +322,13 @@ Tensor lead_reshape(const Tensor& y2d, const Tensor& input, int64_t last) {
 }
 
 #ifdef TORCHSLIM_WITH_CUDA
+// The current CUDA stream of `device` as a cudaStream_t (void*), through the device-generic
+// guard interface so that the glue needs no CUDA header.
+void* current_stream(const at::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return stream.native_handle();
+}
+
 // CUDA structure from ATen ops: nonzero() lists entries in row-major order, which is CSR order.
 std::tuple<Tensor, Tensor> build_structure_cuda(const Tensor& mask, bool transposed) {
   const Tensor m = transposed ? mask.t() : mask;
@@ -356,32 +363,32 @@ cuda::masked::DType cuda_dtype(at::ScalarType t) {
   }
 }
 
-Tensor spmm_cuda(const Tensor& x2d_in, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+Tensor spmm_cuda(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                  const std::optional<Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(x2d_in.device());
-  const Tensor x = x2d_in.contiguous();
-  const int64_t B = x.size(0), K = x.size(1), N = row_ptr.size(0) - 1;
-  Tensor y = at::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return y;
+  const c10::DeviceGuard guard(x2d.device());
+  const int64_t B = x2d.size(0), N = row_ptr.size(0) - 1;
+  if (B == 0 || N == 0) return at::empty({B, N}, x2d.options());
   Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  cuda::masked::spmm(cuda_dtype(x.scalar_type()), x.data_ptr(), B, K, values.data_ptr(),
-                     row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
-                     b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), N,
-                     at::cuda::getCurrentCUDAStream().stream());
-  return y;
+  // Batch contiguous: X^T [K, B] (for B == 1 that is x itself), Y^T [N, B].
+  const Tensor xt = B == 1 ? x2d.contiguous() : x2d.t().contiguous();
+  Tensor yt = at::empty({N, B}, x2d.options());
+  cuda::masked::spmm_t(cuda_dtype(x2d.scalar_type()), xt.data_ptr(), B, values.data_ptr(), row_ptr.data_ptr<int32_t>(),
+                       col_idx.data_ptr(), col_idx.scalar_type() == at::kShort, b.defined() ? b.data_ptr() : nullptr,
+                       yt.data_ptr(), N, current_stream(x2d.device()));
+  return B == 1 ? yt.view({1, N}) : yt.t().contiguous();
 }
 
-Tensor sddmm_cuda(const Tensor& g2d_in, const Tensor& x2d_in, const Tensor& row_ptr, const Tensor& col_idx) {
-  const c10::cuda::CUDAGuard guard(x2d_in.device());
-  const Tensor x = x2d_in.contiguous();
-  const Tensor g = g2d_in.contiguous();
-  const int64_t B = x.size(0), K = x.size(1), N = g.size(1);
-  Tensor dw = at::zeros({N, K}, x.options());
+Tensor sddmm_cuda(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, const Tensor& col_idx) {
+  const c10::DeviceGuard guard(x2d.device());
+  const int64_t B = x2d.size(0), K = x2d.size(1), N = g2d.size(1);
+  Tensor dw = at::zeros({N, K}, x2d.options());
   if (B == 0 || col_idx.size(0) == 0) return dw;
-  cuda::masked::sddmm(cuda_dtype(x.scalar_type()), g.data_ptr(), x.data_ptr(), B, K, N,
-                      row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
-                      dw.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+  const Tensor xt = x2d.t().contiguous();
+  const Tensor gt = g2d.t().contiguous();
+  cuda::masked::sddmm_t(cuda_dtype(x2d.scalar_type()), gt.data_ptr(), xt.data_ptr(), B, N, K,
+                        row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
+                        dw.data_ptr(), current_stream(x2d.device()));
   return dw;
 }
 #endif
