@@ -10,6 +10,9 @@ from torch import nn
 from torchslim.ops import masked_linear
 
 _ops = torch.ops.torchslim
+_spmm = torch.ops.torchslim._masked_spmm.default
+_is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
 
 # Dense fallback rule (see the class docstring): the sparse kernels are used when
 # density <= SPARSE_MAX_DENSITY_BATCH1 at batch 1 and density <= SPARSE_MAX_DENSITY above.
@@ -108,7 +111,10 @@ class MaskedSparseLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
         self.register_buffer("mask", torch.ones(out_features, in_features, dtype=torch.bool, device=device))
         ref = nn.Linear(in_features, out_features, bias=bias, **factory)
         with torch.no_grad():
@@ -211,21 +217,22 @@ class MaskedSparseLinear(nn.Module):
     # ------------------------------------------------------------ forward
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight, mask, bias = self.weight, self.mask, self.bias
-        if (torch.compiler.is_compiling() or not isinstance(input, torch.Tensor) or input.dtype != weight.dtype
-                or input.shape[-1] != self.in_features):
-            # Traced graphs and bad arguments go through the functional op (checks, clear errors).
-            return masked_linear(input, weight, mask, bias)
-        d = self.__dict__
-        st = d["_st"]
+        # Kept lean: this runs once per layer per call, and at batch 1 its Python cost is
+        # comparable to the kernel's.
+        params = self._parameters
+        weight, bias, mask = params["weight"], params.get("bias"), self._buffers["mask"]
+        if _is_compiling() or not isinstance(input, torch.Tensor):
+            return masked_linear(input, weight, mask, bias)  # traced graphs: the functional op
+        if input.dtype != weight.dtype or input.shape[-1] != self.in_features:
+            return masked_linear(input, weight, mask, bias)  # raises the op's clear error
+        st = self._st
         if st is None or st.mask is not mask or st.version != mask._version or st.ptr != mask.data_ptr():
             st = self._structure(mask)
-        sparse = st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn
-        grad = torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad
-                                            or (bias is not None and bias.requires_grad))
-        if sparse:
-            d["_last_path"] = "sparse"
-            pk = d["_pk"]
+        grad = _grad_enabled() and (weight.requires_grad or input.requires_grad
+                                    or (bias is not None and bias.requires_grad))
+        if st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn:
+            self.__dict__["_last_path"] = "sparse"
+            pk = self._pk
             if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
                     or pk.ptr != weight.data_ptr()):
                 values = self._packed("_pk", st, weight)
@@ -233,8 +240,8 @@ class MaskedSparseLinear(nn.Module):
                 values = pk.data
             if grad:
                 return _MaskedSparseFn.apply(input, weight, bias, values, st)
-            return _ops._masked_spmm(input, values, st.row_ptr, st.col_idx, bias)
-        d["_last_path"] = "dense"
+            return _spmm(input, values, st.row_ptr, st.col_idx, bias)
+        self.__dict__["_last_path"] = "dense"
         if grad:
             return F.linear(input, torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), bias)
         return F.linear(input, self._packed("_dw", st, weight), bias)
