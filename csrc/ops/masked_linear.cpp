@@ -293,7 +293,7 @@ Tensor spmm_cpu(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, 
 }
 
 // Both gradients of the sparse layer from one transpose of grad_output (and of input).
-std::tuple<Tensor, Tensor> backward_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& weight,
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& values_t,
                                         const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr,
                                         const Tensor& t_col_idx, bool need_input, bool need_weight) {
   const at::ScalarType dtype = x2d.scalar_type();
@@ -308,7 +308,6 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& g2d, const Tensor& x2d, co
   const Tensor g = to_acc_contiguous(g2d);
   const Tensor gt = (B == 1 && !need_weight) ? Tensor() : transpose_in(g, g.scalar_type(), nbp);
   if (need_input) {
-    const Tensor values_t = gather_cpu(weight, t_row_ptr, t_col_idx, true);
     const Tensor dx = spmm_acc(g, gt, values_t, t_row_ptr, t_col_idx, Tensor());
     grad_input = dx.scalar_type() == dtype ? dx : dx.to(dtype);
   }
@@ -343,10 +342,12 @@ Tensor sddmm_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, co
 
 // ---------------------------------------------------------------- dense fallback rule
 
-// Measured on an AMD EPYC (Zen 4, AVX-512, 2 cores) with float32; see the module docstring.
-bool prefer_dense(double density, int64_t batch) {
-  if (batch <= 1) return density > 0.5;
-  return density > 0.3;
+// Measured on an AMD EPYC (Zen 4, AVX-512) with float32; the rule of the module docstring
+// (torchslim.nn.MaskedSparseLinear). `training`: the gradient kernels.
+bool prefer_dense(double density, int64_t batch, int64_t weight_numel, bool training = false) {
+  if (training) return density > (batch >= 64 ? 0.35 : 0.2);
+  if (batch <= 1) return density > (weight_numel * 4 > (int64_t(16) << 20) ? 0.45 : 0.25);
+  return density > 0.4;
 }
 
 Tensor masked_dense_weight(const Tensor& weight, const Tensor& mask) {
@@ -473,7 +474,7 @@ Tensor masked_linear(const Tensor& input, const Tensor& weight, const Tensor& ma
   const int64_t N = weight.size(0), K = weight.size(1);
   const Tensor x2d = input.reshape({-1, K});
   const int64_t B = x2d.size(0);
-  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B)) {
+  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B, mask.numel())) {
     return at::linear(input, masked_dense_weight(weight, mask), bias.has_value() ? *bias : Tensor());
   }
   auto [row_ptr, col_idx] = build_structure(mask, false);
@@ -491,7 +492,7 @@ Tensor masked_linear_grad_input(const Tensor& grad_output, const Tensor& weight,
   const int64_t N = weight.size(0), K = weight.size(1);
   const Tensor g2d = grad_output.reshape({-1, N});
   const int64_t B = g2d.size(0);
-  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B)) {
+  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B, mask.numel(), true)) {
     return at::matmul(grad_output, masked_dense_weight(weight, mask));
   }
   auto [t_ptr, t_idx] = build_structure(mask, true);
@@ -521,7 +522,7 @@ Tensor masked_linear_grad_weight(const Tensor& grad_output, const Tensor& input,
               x2d.size(0), " and ", g2d.size(0));
   const int64_t B = x2d.size(0);
   if (B == 0 || N == 0 || K == 0) return at::zeros({N, K}, input.options());
-  if (prefer_dense(mask_density(mask), B)) {
+  if (prefer_dense(mask_density(mask), B, mask.numel(), true)) {
     return at::where(mask, at::mm(g2d.t(), x2d), at::zeros({}, input.options()));
   }
   auto [row_ptr, col_idx] = build_structure(mask, false);
@@ -530,12 +531,30 @@ Tensor masked_linear_grad_weight(const Tensor& grad_output, const Tensor& input,
 
 // ---------------------------------------------------------------- structure ops
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> masked_structure(const Tensor& mask) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_structure(const Tensor& mask) {
   TORCH_CHECK(mask.dim() == 2, "_masked_structure: mask must be 2-D [out_features, in_features], got shape ", mask.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kBool, "_masked_structure: mask must be a bool tensor, got ", mask.scalar_type());
   auto [ptr, idx] = build_structure(mask, false);
   auto [t_ptr, t_idx] = build_structure(mask, true);
-  return {ptr, idx, t_ptr, t_idx};
+  Tensor perm;
+#ifdef TORCHSLIM_WITH_CUDA
+  if (mask.is_cuda()) {
+    // Entries in row order, sorted by (column, row): the column structure's order.
+    const int64_t n = mask.size(0);
+    Tensor rows = at::repeat_interleave(at::arange(n, ptr.options().dtype(at::kLong)), ptr.diff().to(at::kLong),
+                                        idx.size(0));
+    Tensor key = idx.to(at::kLong) * n + rows;
+    perm = std::get<1>(key.sort(/*stable=*/true, 0, false)).to(at::kInt);
+  } else
+#endif
+  {
+    perm = at::empty({idx.size(0)}, ptr.options());
+    with_index(idx, [&](auto* ci) {
+      mk::transpose_perm(ptr.data_ptr<int32_t>(), ci, mask.size(0), t_ptr.data_ptr<int32_t>(), mask.size(1),
+                         perm.data_ptr<int32_t>());
+    });
+  }
+  return {ptr, idx, t_ptr, t_idx, perm};
 }
 
 Tensor masked_gather(const Tensor& weight, const Tensor& row_ptr, const Tensor& col_idx, bool transposed) {
@@ -592,26 +611,24 @@ Tensor masked_sddmm(const Tensor& grad_output, const Tensor& input, const Tensor
   return sddmm_any(g2d, x2d, row_ptr, col_idx);
 }
 
-std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tensor& input, const Tensor& values_t,
                                            const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr,
                                            const Tensor& t_col_idx, bool need_input, bool need_weight) {
-  TORCH_CHECK(weight.dim() == 2 && is_floating(weight.scalar_type()),
-              "_masked_backward: weight must be a 2-D floating tensor, got ", weight.scalar_type(), " of shape ",
-              weight.sizes());
-  const int64_t N = weight.size(0), K = weight.size(1);
-  TORCH_CHECK(input.scalar_type() == weight.scalar_type() && grad_output.scalar_type() == weight.scalar_type(),
-              "_masked_backward: grad_output, input and weight must share a dtype, got ", grad_output.scalar_type(), ", ",
-              input.scalar_type(), ", ", weight.scalar_type());
-  TORCH_CHECK(input.device() == weight.device() && grad_output.device() == weight.device(),
-              "_masked_backward: grad_output, input and weight must be on one device");
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, "_masked_backward: input.shape[-1] must be in_features (", K,
-              "), got shape ", input.sizes());
-  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N,
-              "_masked_backward: grad_output.shape[-1] must be out_features (", N, "), got shape ", grad_output.sizes());
+  TORCH_CHECK(input.dim() >= 1 && is_floating(input.scalar_type()) && grad_output.scalar_type() == input.scalar_type(),
+              "_masked_backward: grad_output and input must share a floating dtype, got ", grad_output.scalar_type(),
+              " and ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "_masked_backward: grad_output and input must be on one device, got ",
+              grad_output.device(), " and ", input.device());
   check_structure("_masked_backward", row_ptr, col_idx, input.device());
   check_structure("_masked_backward", t_row_ptr, t_col_idx, input.device());
-  TORCH_CHECK(row_ptr.size(0) == N + 1 && t_row_ptr.size(0) == K + 1 && col_idx.size(0) == t_col_idx.size(0),
-              "_masked_backward: structure does not match weight of shape ", weight.sizes());
+  check_values("_masked_backward", values_t, t_col_idx, input.scalar_type(), input.device());
+  const int64_t N = row_ptr.size(0) - 1, K = t_row_ptr.size(0) - 1;
+  TORCH_CHECK(col_idx.size(0) == t_col_idx.size(0), "_masked_backward: row and column structures differ in size (",
+              col_idx.size(0), " vs ", t_col_idx.size(0), ")");
+  TORCH_CHECK(input.size(-1) == K, "_masked_backward: input.shape[-1] must be in_features (", K, "), got shape ",
+              input.sizes());
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N,
+              "_masked_backward: grad_output.shape[-1] must be out_features (", N, "), got shape ", grad_output.sizes());
   const Tensor x2d = input.reshape({-1, K});
   const Tensor g2d = grad_output.reshape({-1, N});
   TORCH_CHECK(x2d.size(0) == g2d.size(0), "_masked_backward: input and grad_output must have the same number of rows");
@@ -620,12 +637,12 @@ std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tens
   if (input.is_cuda()) {
     gi = at::empty({0}, input.options());
     gw = at::empty({0}, input.options());
-    if (need_input) gi = spmm_cuda(g2d, gather_cuda(weight, t_row_ptr, t_col_idx, true), t_row_ptr, t_col_idx, std::nullopt);
+    if (need_input) gi = spmm_cuda(g2d, values_t, t_row_ptr, t_col_idx, std::nullopt);
     if (need_weight) gw = sddmm_cuda(g2d, x2d, row_ptr, col_idx);
   } else
 #endif
   {
-    std::tie(gi, gw) = backward_cpu(g2d, x2d, weight, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight);
+    std::tie(gi, gw) = backward_cpu(g2d, x2d, values_t, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight);
   }
   if (need_input) gi = lead_reshape(gi, input, K);
   return {gi, gw};
@@ -637,11 +654,11 @@ void define_masked_linear_ops(torch::Library& m) {
   m.def("masked_linear(Tensor input, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor");
   m.def("masked_linear_grad_input(Tensor grad_output, Tensor weight, Tensor mask) -> Tensor");
   m.def("masked_linear_grad_weight(Tensor grad_output, Tensor input, Tensor mask) -> Tensor");
-  m.def("_masked_structure(Tensor mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_masked_structure(Tensor mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_masked_gather(Tensor weight, Tensor row_ptr, Tensor col_idx, bool transposed) -> Tensor");
   m.def("_masked_spmm(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias=None) -> Tensor");
   m.def("_masked_sddmm(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx) -> Tensor");
-  m.def("_masked_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor row_ptr, Tensor col_idx, "
+  m.def("_masked_backward(Tensor grad_output, Tensor input, Tensor values_t, Tensor row_ptr, Tensor col_idx, "
         "Tensor t_row_ptr, Tensor t_col_idx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
 

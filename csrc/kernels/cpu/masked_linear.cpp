@@ -66,6 +66,15 @@ void fill_cols(const bool* mask, int64_t rows, int64_t cols, const int32_t* col_
   delete[] cursor;
 }
 
+template <typename I>
+void transpose_perm(const int32_t* row_ptr, const I* col, int64_t rows, const int32_t* col_ptr, int64_t cols,
+                    int32_t* perm) {
+  std::vector<int32_t> cursor(col_ptr, col_ptr + cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) perm[cursor[col[k]]++] = k;
+  }
+}
+
 template <typename T, typename I>
 void gather(const T* w, int64_t stride_r, int64_t stride_c, const int32_t* row_ptr, const I* col, T* val,
             int64_t r0, int64_t r1) {
@@ -485,7 +494,8 @@ void sddmm_t(const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb, con
 
 #define TS_INST_I(I)                                                                                        \
   template void fill_rows<I>(const bool*, int64_t, const int32_t*, I*, int64_t, int64_t);                   \
-  template void fill_cols<I>(const bool*, int64_t, int64_t, const int32_t*, I*, int64_t, int64_t);
+  template void fill_cols<I>(const bool*, int64_t, int64_t, const int32_t*, I*, int64_t, int64_t);            \
+  template void transpose_perm<I>(const int32_t*, const I*, int64_t, const int32_t*, int64_t, int32_t*);
 
 #define TS_INST_TI(T, I)                                                                                     \
   template void gather<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, T*, int64_t, int64_t);   \

@@ -31,6 +31,12 @@ void fill_rows(const bool* mask, int64_t cols, const int32_t* row_ptr, I* col, i
 template <typename I>
 void fill_cols(const bool* mask, int64_t rows, int64_t cols, const int32_t* col_ptr, I* row, int64_t c0, int64_t c1);
 
+// perm[j] = position in the row structure of the j-th entry of the column structure, so
+// that values_t[j] = values[perm[j]]. col_ptr: the column structure's pointers.
+template <typename I>
+void transpose_perm(const int32_t* row_ptr, const I* col, int64_t rows, const int32_t* col_ptr, int64_t cols,
+                    int32_t* perm);
+
 // val[k] = w[r * stride_r + col[k] * stride_c] for the entries of rows [r0, r1).
 // (stride_r, stride_c) = (ld, 1) gathers W by rows; (1, ld) gathers W^T from the
 // transposed structure.

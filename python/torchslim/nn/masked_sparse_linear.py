@@ -14,10 +14,13 @@ _spmm = torch.ops.torchslim._masked_spmm.default
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
-# Dense fallback rule (see the class docstring): the sparse kernels are used when
-# density <= SPARSE_MAX_DENSITY_BATCH1 at batch 1 and density <= SPARSE_MAX_DENSITY above.
-SPARSE_MAX_DENSITY_BATCH1 = 0.5
-SPARSE_MAX_DENSITY = 0.3
+# Dense fallback rule (see the class docstring; the same numbers are in the C++ glue).
+SPARSE_MAX_DENSITY_BATCH1 = 0.25        # inference, batch 1, dense weight in cache
+SPARSE_MAX_DENSITY_BATCH1_LARGE = 0.45  # inference, batch 1, dense weight > LARGE_WEIGHT_BYTES
+LARGE_WEIGHT_BYTES = 16 * 1024 * 1024
+SPARSE_MAX_DENSITY = 0.4                # inference, batch > 1
+SPARSE_MAX_DENSITY_TRAIN = 0.35         # training (gradients needed), batch >= 64
+SPARSE_MAX_DENSITY_TRAIN_SMALL = 0.2    # training, batch < 64
 
 # One lock for every layer: rebuilds are rare (a mask or weight change), reads take no lock.
 _REBUILD_LOCK = threading.Lock()
@@ -27,18 +30,22 @@ _CACHE_SLOTS = ("_st", "_pk", "_pkt", "_dw")
 class _Structure:
     """CSR of the mask by rows (forward, grad_weight) and by columns (grad_input)."""
 
-    __slots__ = ("mask", "version", "ptr", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "nnz", "density",
-                 "sparse_b1", "sparse_bn")
+    __slots__ = ("mask", "version", "ptr", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm", "nnz", "density",
+                 "sparse_b1", "sparse_bn", "sparse_train", "sparse_train_small")
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
         self.version = mask._version
         self.ptr = mask.data_ptr()
-        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
+        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm = _ops._masked_structure(mask)
         self.nnz = int(self.col_idx.shape[0])
         self.density = self.nnz / mask.numel() if mask.numel() else 0.0
-        self.sparse_b1 = self.density <= SPARSE_MAX_DENSITY_BATCH1
-        self.sparse_bn = self.density <= SPARSE_MAX_DENSITY
+        large = mask.numel() * 4 > LARGE_WEIGHT_BYTES
+        d = self.density
+        self.sparse_b1 = d <= (SPARSE_MAX_DENSITY_BATCH1_LARGE if large else SPARSE_MAX_DENSITY_BATCH1)
+        self.sparse_bn = d <= SPARSE_MAX_DENSITY
+        self.sparse_train = d <= SPARSE_MAX_DENSITY_TRAIN
+        self.sparse_train_small = d <= SPARSE_MAX_DENSITY_TRAIN_SMALL
 
 
 class _Packed:
@@ -60,17 +67,18 @@ class _MaskedSparseFn(torch.autograd.Function):
     def forward(ctx, input, weight, bias, values, st):
         ctx.st = st
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(input, weight)
+        ctx.save_for_backward(input, values)
         return _ops._masked_spmm(input, values, st.row_ptr, st.col_idx, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        input, weight = ctx.saved_tensors
+        input, values = ctx.saved_tensors
         st = ctx.st
         grad_input = grad_weight = grad_bias = None
         need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if need_input or need_weight:
-            gi, gw = _ops._masked_backward(grad, input, weight, st.row_ptr, st.col_idx, st.t_row_ptr, st.t_col_idx,
+            values_t = values.index_select(0, st.t_perm) if need_input else values
+            gi, gw = _ops._masked_backward(grad, input, values_t, st.row_ptr, st.col_idx, st.t_row_ptr, st.t_col_idx,
                                            need_input, need_weight)
             grad_input = gi if need_input else None
             grad_weight = gw if need_weight else None
@@ -98,9 +106,19 @@ class MaskedSparseLinear(nn.Module):
 
     Dense fallback. When the sparse kernels would be slower the layer runs
     ``F.linear(x, where(mask, weight, 0), bias)`` instead (the masked dense weight is cached
-    for inference). Rule, measured on a 2-core AMD EPYC (Zen 4, AVX-512), float32, shapes
-    784x300 to 4096x4096: sparse when ``density <= 0.5`` at batch 1 and
-    ``density <= 0.3`` for larger batches; dense otherwise.
+    for inference). Rule, from the density at which the sparse kernels stop being faster
+    (measured on an AMD EPYC Zen 4 with AVX-512, float32, 1024x1024 and 4096x4096, one
+    thread; CPU time): the sparse path is taken when
+
+    ============================  =======================================
+    inference, batch 1            density <= 0.25 (0.45 if the dense weight
+                                  exceeds 16 MiB: dense is then memory-bound)
+    inference, batch > 1          density <= 0.4
+    training, batch >= 64         density <= 0.35
+    training, batch < 64          density <= 0.2
+    ============================  =======================================
+
+    and the dense path otherwise.
     ``layer.density`` gives the kept fraction and ``layer.last_path`` the path taken by the
     last forward ("sparse" or "dense").
     """
@@ -230,7 +248,12 @@ class MaskedSparseLinear(nn.Module):
             st = self._structure(mask)
         grad = _grad_enabled() and (weight.requires_grad or input.requires_grad
                                     or (bias is not None and bias.requires_grad))
-        if st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn:
+        n = input.numel()
+        if grad:
+            sparse = st.sparse_train if n >= 64 * self.in_features else st.sparse_train_small
+        else:
+            sparse = st.sparse_b1 if n <= self.in_features else st.sparse_bn
+        if sparse:
             self.__dict__["_last_path"] = "sparse"
             pk = self._pk
             if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version

@@ -97,7 +97,8 @@ def _structure_fake(mask):
     nnz = torch.library.get_ctx().new_dynamic_size()
     n, k = mask.shape
     return (mask.new_empty(n + 1, dtype=torch.int32), mask.new_empty(nnz, dtype=_index_dtype(k)),
-            mask.new_empty(k + 1, dtype=torch.int32), mask.new_empty(nnz, dtype=_index_dtype(n)))
+            mask.new_empty(k + 1, dtype=torch.int32), mask.new_empty(nnz, dtype=_index_dtype(n)),
+            mask.new_empty(nnz, dtype=torch.int32))
 
 
 @torch.library.register_fake("torchslim::_masked_gather")
@@ -116,9 +117,9 @@ def _sddmm_fake(grad_output, input, row_ptr, col_idx):
 
 
 @torch.library.register_fake("torchslim::_masked_backward")
-def _backward_fake(grad_output, input, weight, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight):
+def _backward_fake(grad_output, input, values_t, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight):
     gi = input.new_empty(input.shape) if need_input else input.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    gw = input.new_empty((row_ptr.shape[0] - 1, t_row_ptr.shape[0] - 1)) if need_weight else input.new_empty(0)
     return gi, gw
 
 
