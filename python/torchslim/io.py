@@ -26,9 +26,11 @@ whitelisted activations / ``Dropout`` / ``Flatten`` / ``Identity``). Layer tenso
   pruned weight 0.0), ``sparse``: ``rows`` / ``cols`` streams as above plus the indices of the
   kept positions only.
 
-Integer streams are LEB128 varints (one byte for gaps < 128) stored as uint8 tensors, each
-optionally entropy-coded (zlib or raw LZMA2; the codec is recorded per stream), which is
-the role Huffman coding plays in Deep Compression. ``codec="auto"`` keeps the smallest.
+Integer streams are LEB128 varints (one byte for gaps < 128), each optionally
+entropy-coded (zlib or raw LZMA2), which is the role Huffman coding plays in Deep
+Compression; ``codec="auto"`` keeps the smallest. All streams are concatenated in one uint8
+tensor, ``streams``; a layer names its streams as ``{"o": offset, "z": stored bytes,
+"c": codec, "n": decoded bytes}``.
 
 ``load`` validates every field against the tensors actually present before allocating:
 bad JSON, unknown layer types, wrong dtypes or sizes, out-of-range indices, streams that
@@ -218,14 +220,28 @@ class _Writer:
         self.codebooks: dict[int, str] = {}      # id(Parameter) -> key
         self.codebook_meta: dict[str, dict] = {}
 
+        self.streams: list[tuple[dict, bytes]] = []
+
     def tensor(self, name: str, t: torch.Tensor) -> str:
         self.tensors[name] = t.detach().to("cpu").contiguous().clone()
         return name
 
-    def stream(self, name: str, raw: bytes) -> dict:
+    def encode(self, raw: bytes) -> tuple[dict, bytes]:
+        """An integer stream, entropy-coded; not yet part of the file (see ``commit``)."""
         codec, data = _compress(raw, self.codec)
-        self.tensors[name] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
-        return {"t": name, "codec": codec, "n": len(raw)}
+        return {"o": 0, "z": len(data), "c": codec, "n": len(raw)}, data
+
+    def commit(self, *streams: tuple[dict, bytes]) -> None:
+        self.streams.extend(streams)
+
+    def finish(self) -> None:
+        """Lay every committed stream out in one uint8 tensor, ``streams``."""
+        blob = bytearray()
+        for spec, data in self.streams:
+            spec["o"] = len(blob)
+            blob += data
+        if blob:
+            self.tensors["streams"] = torch.frombuffer(blob, dtype=torch.uint8).clone()
 
 
 def _float_tensor_check(t: torch.Tensor, what: str) -> None:
@@ -233,8 +249,9 @@ def _float_tensor_check(t: torch.Tensor, what: str) -> None:
         raise TypeError(f"{what}: unsupported dtype {t.dtype} (expected a floating point tensor)")
 
 
-def _sparse_streams(w: _Writer, prefix: str, keep: torch.Tensor) -> tuple[dict, dict, np.ndarray]:
-    """rows/cols streams for a boolean [out, in] keep-mask; returns the flat kept positions."""
+def _sparse_streams(w: _Writer, keep: torch.Tensor):
+    """rows/cols streams (uncommitted) for a boolean [out, in] keep-mask, and the flat kept
+    positions."""
     keep_np = keep.detach().to("cpu").numpy().astype(bool)
     rows, cols = np.nonzero(keep_np)  # row-major order
     counts = keep_np.sum(axis=1).astype(np.int64)
@@ -247,9 +264,7 @@ def _sparse_streams(w: _Writer, prefix: str, keep: torch.Tensor) -> tuple[dict, 
         first[1:] = rows[1:] != rows[:-1]
         prev[first] = -1
         gaps = cols.astype(np.int64) - prev - 1
-    return (w.stream(f"{prefix}/rows", _varint_encode(counts)),
-            w.stream(f"{prefix}/cols", _varint_encode(gaps)),
-            rows * keep_np.shape[1] + cols)
+    return (w.encode(_varint_encode(counts)), w.encode(_varint_encode(gaps)), rows * keep_np.shape[1] + cols)
 
 
 def _nibble_pack_flat(codes: np.ndarray) -> bytes:
@@ -279,11 +294,12 @@ def _encode(module: nn.Module, path: str, w: _Writer, depth: int) -> dict:
     if isinstance(module, MaskedSparseLinear):
         _float_tensor_check(module.weight, f"{prefix}.weight")
         mask = module.mask.to("cpu").bool()
-        rows, cols, flat = _sparse_streams(w, prefix, mask)
+        rows, cols, flat = _sparse_streams(w, mask)
+        w.commit(rows, cols)
         values = module.weight.detach().to("cpu").reshape(-1)[torch.from_numpy(flat).long()]
         w.tensor(f"{prefix}/values", values)
         node = {"type": "MaskedSparseLinear", "in": module.in_features, "out": module.out_features,
-                "bias": module.bias is not None, "nnz": int(flat.size), "rows": rows, "cols": cols}
+                "bias": module.bias is not None, "nnz": int(flat.size), "rows": rows[0], "cols": cols[0]}
         if module.bias is not None:
             w.tensor(f"{prefix}/bias", module.bias)
         return node
@@ -311,33 +327,28 @@ def _encode(module: nn.Module, path: str, w: _Writer, depth: int) -> dict:
             dense_raw = pack_int4(torch.from_numpy(idx_np)).numpy().tobytes() if out_f else b""
         else:
             dense_raw = idx_np.tobytes()
-        dense_spec = w.stream(f"{prefix}/codes", dense_raw)
-        node.update({"enc": "dense", "codes": dense_spec})
+        dense_codes = w.encode(dense_raw)
+        choice = {"enc": "dense", "codes": dense_codes}
+        best = dense_codes[0]["z"]
         if zero_pinned:
-            # Try the sparse layout (positions of non-zero indices + their indices) and keep
-            # whichever is smaller.
-            dense_t = w.tensors.pop(f"{prefix}/codes")
-            keep = torch.from_numpy(idx_np != 0)
-            rows, cols, flat = _sparse_streams(w, prefix, keep)
-            kept = idx_np.reshape(-1)[flat]
-            # One byte per code often entropy-codes better than nibble pairs: keep the smaller.
-            codes_spec = w.stream(f"{prefix}/codes", kept.astype(np.uint8).tobytes())
-            packed = False
+            # The sparse layout: positions of the non-zero indices (index 0 is the pruned
+            # weight) and their indices, one byte each or 4-bit packed, whichever is smaller.
+            rows, cols, flat = _sparse_streams(w, torch.from_numpy(idx_np != 0))
+            kept = idx_np.reshape(-1)[flat].astype(np.uint8)
+            codes, packed = w.encode(kept.tobytes()), False
             if k <= 16:
-                bytes_u8 = w.tensors[f"{prefix}/codes"]
-                nib_spec = w.stream(f"{prefix}/codes", _nibble_pack_flat(kept))
-                if w.tensors[f"{prefix}/codes"].numel() < bytes_u8.numel():
-                    codes_spec, packed = nib_spec, True
-                else:
-                    w.tensors[f"{prefix}/codes"] = bytes_u8
-            sparse_bytes = sum(w.tensors[s["t"]].numel() for s in (rows, cols, codes_spec))
-            if sparse_bytes + 48 < dense_t.numel():
-                node.update({"enc": "sparse", "nnz": int(flat.size), "rows": rows, "cols": cols, "codes": codes_spec,
-                             "packed": packed})
-            else:
-                for s in (rows, cols):
-                    w.tensors.pop(s["t"])
-                w.tensors[f"{prefix}/codes"] = dense_t
+                nib = w.encode(_nibble_pack_flat(kept))
+                if nib[0]["z"] < codes[0]["z"]:
+                    codes, packed = nib, True
+            size = rows[0]["z"] + cols[0]["z"] + codes[0]["z"] + 60  # + its header entries
+            if size < best:
+                choice = {"enc": "sparse", "nnz": int(flat.size), "rows": rows, "cols": cols, "codes": codes,
+                          "packed": packed}
+        for key, value in choice.items():
+            if isinstance(value, tuple):
+                w.commit(value)
+                value = value[0]
+            node[key] = value
         if module.bias is not None:
             w.tensor(f"{prefix}/bias", module.bias)
         return node
@@ -416,6 +427,7 @@ def save(model: nn.Module, path, *, codec: str = "auto") -> int:
     w = _Writer(codec)
     with torch.no_grad():
         root = _encode(model, "", w, 0)
+    w.finish()
     header = {"format": FORMAT, "version": VERSION, "codebooks": w.codebook_meta, "model": root}
     path = Path(path)
     save_file(w.tensors, str(path), metadata={META_KEY: json.dumps(header, separators=(",", ":"))})
@@ -510,6 +522,7 @@ class _Reader:
         self.nodes = 0
         self.used: set[str] = set()
         self.codebooks: dict[str, nn.Parameter] = {}
+        self.spans: list[tuple[int, int]] = []
 
     def err(self, where: str, msg: str) -> ValueError:
         return ValueError(f"{self.src}: {where or 'model'}: {msg}")
@@ -537,21 +550,34 @@ class _Reader:
 
     def stream(self, where: str, spec, field: str, exact_len: int | None = None,
                min_len: int = 0, max_len: int | None = None) -> bytes:
-        what = f"{self.src}: {where}.{field}"
-        if not isinstance(spec, dict) or set(spec) != {"t", "codec", "n"}:
-            raise ValueError(f"{what}: expected a stream spec {{t, codec, n}}, got {spec!r}")
-        name, codec, n = spec["t"], spec["codec"], spec["n"]
-        if not isinstance(name, str) or codec not in CODECS or not _is_int(n) or n < 0:
-            raise ValueError(f"{what}: invalid stream spec {spec!r}")
+        what = f"{self.src}: {where or 'root'}.{field}"
+        if not isinstance(spec, dict) or set(spec) != {"o", "z", "c", "n"}:
+            raise ValueError(f"{what}: expected a stream spec {{o, z, c, n}}, got {str(spec)[:100]!r}")
+        off, size, codec, n = spec["o"], spec["z"], spec["c"], spec["n"]
+        if not all(_is_int(v) and v >= 0 for v in (off, size, n)) or codec not in CODECS:
+            raise ValueError(f"{what}: invalid stream spec {str(spec)[:100]!r}")
         if exact_len is not None and n != exact_len:
             raise ValueError(f"{what}: stream declares {n} bytes, expected {exact_len}")
         if n < min_len or (max_len is not None and n > max_len):
             raise ValueError(f"{what}: stream declares {n} bytes, expected between {min_len} and {max_len}")
-        t = self.tensors.get(name)
-        if t is None or t.dtype != torch.uint8 or t.dim() != 1:
-            raise ValueError(f"{what}: stream tensor {name!r} missing or not a 1-D uint8 tensor")
-        self.used.add(name)
-        return _decompress(t.numpy().tobytes(), codec, n, what)
+        blob = self.tensors.get("streams")
+        if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
+            raise ValueError(f"{what}: the file has no uint8 'streams' tensor")
+        if off + size > blob.numel():
+            raise ValueError(f"{what}: stream [{off}, {off + size}) lies outside the {blob.numel()}-byte streams tensor")
+        self.used.add("streams")
+        self.spans.append((off, off + size))
+        return _decompress(blob[off:off + size].numpy().tobytes(), codec, n, what)
+
+    def check_streams_cover(self) -> None:
+        blob = self.tensors.get("streams")
+        pos = 0
+        for a, b in sorted(self.spans):
+            if a != pos:
+                raise ValueError(f"{self.src}: streams overlap or leave gaps in the streams tensor")
+            pos = b
+        if blob is not None and pos != blob.numel():
+            raise ValueError(f"{self.src}: {blob.numel() - pos} bytes of the streams tensor belong to no layer")
 
 
 def _is_int(v) -> bool:
@@ -781,6 +807,7 @@ def _load_bytes(data: bytes, src: str, device=None, max_numel=None) -> nn.Module
     reader = _Reader(tensors, src, max_numel)
     with torch.no_grad():
         model = _decode(header["model"], "", reader, 0, header["codebooks"])
+    reader.check_streams_cover()
     unused = set(tensors) - reader.used
     if unused:
         raise ValueError(f"{src}: file holds tensors no layer uses: {sorted(unused)[:5]}")
