@@ -419,22 +419,28 @@ class Pipeline:
         plt.close(fig)
         paths.append(p)
 
-        # 3. weight histogram (before sharing) with the codebook centroids
+        # 3. per-layer histogram of the non-zero weights before sharing, with the centroids
+        #    of that layer's codebook after centroid fine-tuning
         source = self.pre_share_models[0] if self.pre_share_models else self.models[self.stages[0]["name"]]
         shared_name = next((s["name"] for s in self.stages if s["name"].endswith("shared")), None)
-        weights = torch.cat([layer_weight(m).reshape(-1) for _, m in compressed_layers(source)])
-        weights = weights[weights != 0]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(weights.numpy(), bins=120, color="tab:gray", alpha=0.8, label="non-zero weights")
-        if shared_name is not None:
-            for i, cb in enumerate(codebooks(self.models[shared_name])):
-                for j, c in enumerate(cb.tolist()):
-                    ax.axvline(c, color=f"C{i % 10}", lw=0.8, alpha=0.8,
-                               label="codebook centroids" if (i == 0 and j == 0) else None)
-        ax.set_xlabel("weight value")
-        ax.set_ylabel("count")
-        ax.set_title("Weights and codebook centroids" if shared_name else "Weight histogram")
-        ax.legend(fontsize=7)
+        src_layers = compressed_layers(source)
+        shared_layers = compressed_layers(self.models[shared_name]) if shared_name else []
+        n = len(src_layers)
+        fig, axes = plt.subplots(n, 1, figsize=(6, 1.8 + 1.6 * n), squeeze=False)
+        for i, (name, layer) in enumerate(src_layers):
+            ax = axes[i][0]
+            w = layer_weight(layer).reshape(-1)
+            w = w[w != 0]
+            ax.hist(w.numpy(), bins=100, color="tab:gray", alpha=0.85, label="non-zero weights")
+            if i < len(shared_layers) and hasattr(shared_layers[i][1], "codebook"):
+                for j, c in enumerate(shared_layers[i][1].codebook.detach().cpu().tolist()):
+                    ax.axvline(c, color="tab:red", lw=0.8, alpha=0.8, label="centroids" if j == 0 else None)
+            ax.set_ylabel(f"layer {i + 1}\ncount", fontsize=8)
+            ax.tick_params(labelsize=7)
+            if i == 0:
+                ax.legend(fontsize=7)
+        axes[-1][0].set_xlabel("weight value")
+        fig.suptitle("Weights and codebook centroids" if shared_name else "Weight histogram", fontsize=10)
         fig.tight_layout()
         p = self.out / "weight_histogram.png"
         fig.savefig(p, dpi=100)
