@@ -2,9 +2,10 @@
 
 The values are sorted once; in one dimension every k-means cluster is then a contiguous run
 of the sorted array, bounded by the midpoints between neighbouring centroids. A Lloyd step
-therefore costs ``K`` binary searches (``torch.searchsorted``) plus ``K`` differences of a
+therefore costs ``K`` binary searches (``numpy.searchsorted``) plus ``K`` differences of a
 float64 prefix-sum array, independent of the number of values, and the whole fit is
-dominated by the single sort (done with NumPy on the CPU).
+dominated by the single sort and the final labelling pass (NumPy, on the CPU; tensors on
+another device are copied over and the labels copied back).
 
 Initialisations (Han et al., "Deep Compression", section 3.1, compare the first three):
 - ``"linear"``: centroids evenly spaced between the minimum and the maximum (the paper's
@@ -197,8 +198,9 @@ def kmeans_1d(values: torch.Tensor, num_clusters: int, init: str = "linear", see
     cnt, sm = data.stats(s, e)
     c = np.sort(np.where(cnt == 0, c, sm / np.maximum(cnt, 1)))
     s, e = data.segments(c)
-    resid = x - np.repeat(c, e - s).astype(x.dtype)
-    inertia = float(np.dot(resid.astype(np.float64), resid.astype(np.float64)))
+    resid = (x - np.repeat(c, e - s).astype(x.dtype)).astype(np.float64)
+    inertia = float(np.dot(resid, resid))
+    del resid
     labels = np.searchsorted(data.bounds(c), flat, side="right")
     return result(c, labels, inertia, it, converged)
 
