@@ -37,9 +37,8 @@ _KMEANSPP_SAMPLE = 65536
 class KMeansResult:
     """``centroids``: float64 [K], ascending. ``labels``: int64, same shape as the input,
     index of each value's nearest centroid (None when not asked for). ``inertia``: sum of
-    squared errors.
-    ``iterations``: Lloyd steps run. ``converged``: the assignment stopped changing.
-    ``inertia`` is computed on first access (until then the result holds the sorted values)."""
+    squared errors, computed on first access (until then the result holds the sorted
+    values). ``iterations``: Lloyd steps run. ``converged``: the assignment stopped changing."""
 
     centroids: torch.Tensor
     labels: torch.Tensor | None
