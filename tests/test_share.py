@@ -367,3 +367,16 @@ def test_sharing_report():
     assert all(l.bits == 8 and l.shared_codebook for l in glob.layers)
     # the shared codebook counts once in the total
     assert glob.bytes_after == sum(l.bytes_after for l in glob.layers) - 2 * 200 * 4
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_cluster_weights_reproducible_per_seed(init, scope):
+    a = cluster_weights(_pruned_mlp(7), num_clusters=8, scope=scope, init=init, seed=11)
+    b = cluster_weights(_pruned_mlp(7), num_clusters=8, scope=scope, init=init, seed=11)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
