@@ -38,6 +38,7 @@ def _setup_context(ctx, inputs, output):
     _, _, _, reduction, _, need_grad = inputs
     ctx.reduction = reduction
     ctx.need_grad = need_grad
+    ctx.set_materialize_grads(False)  # no zero-filled [N, C] gradient for the (unused) second output
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
@@ -60,6 +61,8 @@ def _backward(ctx, grad_loss, _grad_of_grad):
             "or grad mode was off)"
         )
     (saved,) = ctx.saved_tensors
+    if grad_loss is None:  # grads are not materialised: nothing flowed into the loss
+        return None, None, None, None, None, None
     if ctx.reduction == 0:
         grad = saved * grad_loss.unsqueeze(-1).to(saved.dtype)
     elif _is_eager_cpu_one(grad_loss):
