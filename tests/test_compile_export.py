@@ -81,9 +81,9 @@ def _sample_ops(requires_grad=True, batch=(3, 5)):
 SAMPLE_NAMES = [s[0] for s in _sample_ops()]
 
 
-def _clone(args):
-    return tree_map(lambda a: a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a,
-                    args)
+def _clone(args, keep_requires_grad=True):
+    return tree_map(lambda a: a.detach().clone().requires_grad_(keep_requires_grad and a.requires_grad)
+                    if isinstance(a, torch.Tensor) else a, args)
 
 
 def _run(fn, args):
@@ -139,7 +139,12 @@ class _RecordTorchslimOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "torchslim":
-            self.calls.append((func, _clone(args), _clone(kwargs)))
+            # Inputs keep requires_grad only where autograd could record the call: backward
+            # ops run with grad mode off (opcheck then tests them as non-differentiable).
+            keep = torch.is_grad_enabled()
+            with torch.inference_mode(False):  # normal tensors even when recorded in inference mode
+                args, kwargs = _clone(args, keep), _clone(kwargs, keep)
+            self.calls.append((func, args, kwargs))
         return func(*args, **kwargs)
 
 
@@ -148,10 +153,24 @@ def _registered_torchslim_ops():
 
 
 def _recorded_calls():
+    """Every torchslim op call made by the functional ops (forward and backward) and by the
+    modules (training, no_grad and inference_mode paths)."""
     rec = _RecordTorchslimOps()
     for _, fn, args in _sample_ops(batch=(2, 3)):
         with rec:
             _run(fn, _clone(args))
+    torch.manual_seed(0)
+    for _, make in _module_cases():
+        layer = make()
+        x = torch.randn(2, 3, 7)
+        with rec:
+            _run(layer, (x.clone().requires_grad_(),))
+            with torch.no_grad():
+                layer(x)
+            with torch.inference_mode():
+                layer(x)
+    with rec:
+        _run(lambda s: KDLoss(2.0, 0.5)(s, torch.randn(4, 9), torch.tensor([0, 3, 8, 1])), (torch.randn(4, 9).requires_grad_(),))
     return rec.calls
 
 
@@ -182,14 +201,16 @@ def test_opcheck_every_op():
 
 
 def _module_cases():
-    cases = [("masked", lambda: MaskedSparseLinear.from_dense(nn.Linear(7, 6), mask=torch.rand(6, 7) < 0.5))]
+    # Two densities: layers may take a sparse path for very sparse masks and a dense one otherwise.
+    cases = [("masked", lambda: MaskedSparseLinear.from_dense(nn.Linear(7, 6), mask=torch.rand(6, 7) < 0.6)),
+             ("masked_sparse", lambda: MaskedSparseLinear.from_dense(nn.Linear(7, 6), mask=torch.rand(6, 7) < 0.15))]
     if not _codebook_missing():
         cases.append(("codebook_packed", lambda: CodebookLinear.from_dense(nn.Linear(7, 6), num_clusters=16)))
         cases.append(("codebook_unpacked", lambda: CodebookLinear.from_dense(nn.Linear(7, 6), num_clusters=40)))
     return cases
 
 
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_module_compile_fullgraph_matches_eager(kind):
     if kind.startswith("codebook") and _codebook_missing():
         pytest.skip("CodebookLinear not implemented yet")

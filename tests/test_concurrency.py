@@ -42,8 +42,9 @@ def _skip_missing(kind):
 def _make(kind, seed=0):
     torch.manual_seed(seed)
     dense = nn.Linear(IN, OUT)
-    if kind == "masked":
-        mask = torch.rand(OUT, IN) < 0.4
+    if kind.startswith("masked"):
+        # Two densities, so that both a sparse and a dense execution path are covered.
+        mask = torch.rand(OUT, IN) < (0.15 if kind == "masked_sparse" else 0.6)
         mask[0, 0] = True  # the in-place edit tests change weight[0, 0]; it must count
         return MaskedSparseLinear.from_dense(dense, mask=mask)
     num_clusters = {"codebook_packed": 16, "codebook_unpacked": 40}[kind]
@@ -110,7 +111,7 @@ MASKED_EDITS = {
     "bias_data_add": lambda l: l.bias.data.add_(1),
     "optimizer_step": _opt_step,
     "to_float64": lambda l: l.to(torch.float64),
-    "load_state_dict": _load_other("masked"),
+    "load_state_dict": None,  # _load_other(kind)
 }
 
 CODEBOOK_EDITS = {
@@ -122,7 +123,7 @@ CODEBOOK_EDITS = {
     "to_float64": lambda l: l.to(torch.float64),
 }
 
-CASES = [("masked", e) for e in MASKED_EDITS] + [
+CASES = [(k, e) for k in ("masked", "masked_sparse") for e in MASKED_EDITS] + [
     (k, e) for k in ("codebook_packed", "codebook_unpacked") for e in [*CODEBOOK_EDITS, "load_state_dict"]
 ]
 
@@ -133,7 +134,7 @@ def test_cache_invalidated(kind, edit):
     layer = _make(kind)
     x = torch.randn(5, 3, IN)
     before = _assert_matches_reference(layer, x, "fresh layer")
-    fn = (MASKED_EDITS if kind == "masked" else CODEBOOK_EDITS).get(edit) or _load_other(kind)
+    fn = _load_other(kind) if edit == "load_state_dict" else (MASKED_EDITS if kind.startswith("masked") else CODEBOOK_EDITS)[edit]
     fn(layer)
     x = x.to(next(layer.parameters()).dtype)
     after = _assert_matches_reference(layer, x, f"after {edit}")
@@ -158,7 +159,7 @@ def test_shared_codebook_edit_seen_by_every_layer():
     _assert_matches_reference(b, x, "after an optimizer step on the other layer")
 
 
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_copies_do_not_share_caches(kind):
     """deepcopy / pickle copies made after the cache was warmed are independent of it."""
     _skip_missing(kind)
@@ -175,14 +176,14 @@ def test_copies_do_not_share_caches(kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_cache_follows_device_moves(kind):
     _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(6, IN)
     _assert_matches_reference(layer, x, "cpu")
     layer.to("cuda")
-    layer.weight.data.mul_(2) if kind == "masked" else layer.codebook.data.mul_(2)
+    layer.weight.data.mul_(2) if kind.startswith("masked") else layer.codebook.data.mul_(2)
     out = _assert_matches_reference(layer, x.cuda(), "cuda")
     assert out.is_cuda
     layer.to("cpu")
@@ -197,13 +198,14 @@ def _flip_state(layer, round_):
     g = torch.Generator().manual_seed(100 + round_)
     with torch.no_grad():
         if isinstance(layer, MaskedSparseLinear):
-            layer.set_mask(torch.rand(OUT, IN, generator=g) < 0.5)
+            density = 0.15 if layer.density < 0.3 else 0.6  # stay on the layer's execution path
+            layer.set_mask(torch.rand(OUT, IN, generator=g) < density)
             layer.weight.mul_(1.25)
         else:
             layer.codebook.copy_(torch.randn(layer.codebook.shape, generator=g))
 
 
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_concurrent_forward_from_threads(kind):
     """An inference server: 8 threads call one layer at once, released together by a barrier
     right after the layer's state changed; each thread checks every one of its results."""
@@ -286,7 +288,7 @@ def _det_cases():
     def t(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g)).requires_grad_()
 
-    mask = torch.rand(out_f, in_f, generator=g) < 0.3
+    mask = torch.rand(out_f, in_f, generator=g) < 0.6
     idx16 = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
     idx64 = torch.randint(0, 64, (out_f, in_f), generator=g, dtype=torch.uint8)
     teacher = 4 * torch.randn(batch, 1000, generator=g)
@@ -300,7 +302,9 @@ def _det_cases():
         ("KDLoss", lambda s: KDLoss(3.0, 0.6)(s, teacher, target), [t(batch, 1000, scale=4.0)]),
     ]
     torch.manual_seed(12)
-    modules = [("MaskedSparseLinear", MaskedSparseLinear.from_dense(nn.Linear(in_f, out_f), mask=mask))]
+    modules = [("MaskedSparseLinear", MaskedSparseLinear.from_dense(nn.Linear(in_f, out_f), mask=mask)),
+               ("MaskedSparseLinear_sparse", MaskedSparseLinear.from_dense(
+                   nn.Linear(in_f, out_f), mask=torch.rand(out_f, in_f, generator=g) < 0.1))]
     if not _codebook_missing():
         modules.append(("CodebookLinear", CodebookLinear.from_dense(nn.Linear(in_f, out_f), num_clusters=16)))
     for name, layer in modules:
@@ -309,7 +313,7 @@ def _det_cases():
 
 
 DET_NAMES = ["masked_linear", "codebook_linear_packed", "codebook_linear_unpacked", "kd_kl_div", "KDLoss",
-             "MaskedSparseLinear", "CodebookLinear"]
+             "MaskedSparseLinear", "MaskedSparseLinear_sparse", "CodebookLinear"]
 
 
 @pytest.mark.parametrize("name", DET_NAMES)
