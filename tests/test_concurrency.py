@@ -51,12 +51,21 @@ def _make(kind, seed=0):
     return CodebookLinear.from_dense(dense, num_clusters=num_clusters)
 
 
-def _reference(layer, x):
-    """float64 output of the plain-PyTorch definition applied to the layer's current state."""
-    bias = None if layer.bias is None else layer.bias.detach().double()
+def _reference(layer, x, absolute=False):
+    """float64 output of the plain-PyTorch definition applied to the layer's current state
+    (with absolute=True: the same sum over |terms|, the scale of the rounding error)."""
+    f = (lambda t: t.detach().double().abs()) if absolute else (lambda t: t.detach().double())
+    bias = None if layer.bias is None else f(layer.bias)
     if isinstance(layer, MaskedSparseLinear):
-        return ref_masked_linear(x.double(), layer.weight.detach().double(), layer.mask, bias)
-    return ref_codebook_linear(x.double(), layer.indices, layer.codebook.detach().double(), bias)
+        return ref_masked_linear(f(x), f(layer.weight), layer.mask, bias)
+    return ref_codebook_linear(f(x), layer.indices, f(layer.codebook), bias)
+
+
+def _tolerance(layer, x):
+    """Rounding-error bound: a few ulps of the sum of |terms| (a stale cache is off by O(1))."""
+    scale = float(_reference(layer, x, absolute=True).max()) if x.numel() else 1.0
+    eps = torch.finfo(x.dtype).eps
+    return {"rtol": 0.0, "atol": 64 * eps * max(scale, 1.0)}
 
 
 def _assert_matches_reference(layer, x, what=""):
@@ -72,9 +81,8 @@ def _assert_matches_reference(layer, x, what=""):
                 with torch.inference_mode():
                     out = layer(x)
             assert out.dtype == x.dtype
-            # float64 is checked tightly: values cached in float32 would not pass.
-            tol = {"rtol": 1e-10, "atol": 1e-12} if x.dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-            torch.testing.assert_close(out.detach().double(), _reference(layer, x), **tol,
+            # float64 is checked at float64 precision: values cached in float32 would not pass.
+            torch.testing.assert_close(out.detach().double(), _reference(layer, x), **_tolerance(layer, x),
                                        msg=lambda m: f"{what} ({mode}): {m}")
     return out.detach()
 
@@ -123,7 +131,18 @@ CODEBOOK_EDITS = {
     "to_float64": lambda l: l.to(torch.float64),
 }
 
-CASES = [(k, e) for k in ("masked", "masked_sparse") for e in MASKED_EDITS] + [
+# Known gap: MaskedSparseLinear keys its value caches on the weight's version counter and
+# data_ptr, and an edit through `weight.data` moves neither. strict: the mark must go once fixed.
+_DATA_EDIT_GAP = pytest.mark.xfail(strict=True, reason="MaskedSparseLinear value cache misses edits made via .data")
+
+
+def _case(kind, edit):
+    if kind.startswith("masked") and edit == "weight_data_mul":
+        return pytest.param(kind, edit, marks=_DATA_EDIT_GAP)
+    return (kind, edit)
+
+
+CASES = [_case(k, e) for k in ("masked", "masked_sparse") for e in MASKED_EDITS] + [
     (k, e) for k in ("codebook_packed", "codebook_unpacked") for e in [*CODEBOOK_EDITS, "load_state_dict"]
 ]
 
@@ -216,6 +235,7 @@ def test_concurrent_forward_from_threads(kind):
     for round_ in range(4):
         _flip_state(layer, round_)
         refs = [_reference(layer, x) for x in xs]
+        tols = [_tolerance(layer, x) for x in xs]
         barrier = threading.Barrier(THREADS)
 
         def work(i):
@@ -231,7 +251,7 @@ def test_concurrent_forward_from_threads(kind):
             results = [f.result(timeout=THREAD_TIMEOUT_S) for f in futures]
         for i, outs in enumerate(results):
             for out in outs:
-                torch.testing.assert_close(out.double(), refs[i], rtol=1e-4, atol=1e-5,
+                torch.testing.assert_close(out.double(), refs[i], **tols[i],
                                            msg=lambda m: f"round {round_}, thread {i}: {m}")
 
 
