@@ -26,19 +26,6 @@ THREADS = 8
 THREAD_TIMEOUT_S = 60
 
 
-def _codebook_missing():
-    try:
-        CodebookLinear(4, 3, num_clusters=4)
-    except NotImplementedError:
-        return True
-    return False
-
-
-def _skip_missing(kind):
-    if kind.startswith("codebook") and _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
-
-
 def _make(kind, seed=0):
     torch.manual_seed(seed)
     dense = nn.Linear(IN, OUT)
@@ -149,7 +136,6 @@ CASES = [_case(k, e) for k in ("masked", "masked_sparse") for e in MASKED_EDITS]
 
 @pytest.mark.parametrize("kind,edit", CASES)
 def test_cache_invalidated(kind, edit):
-    _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(5, 3, IN)
     before = _assert_matches_reference(layer, x, "fresh layer")
@@ -164,8 +150,6 @@ def test_cache_invalidated(kind, edit):
 
 def test_shared_codebook_edit_seen_by_every_layer():
     """Two layers hold the same codebook Parameter; an edit through one reaches the other."""
-    if _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     a, b = _make("codebook_packed", seed=0), _make("codebook_packed", seed=1)
     b.codebook = a.codebook
     x = torch.randn(4, IN)
@@ -181,7 +165,6 @@ def test_shared_codebook_edit_seen_by_every_layer():
 @pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_copies_do_not_share_caches(kind):
     """deepcopy / pickle copies made after the cache was warmed are independent of it."""
-    _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(6, IN)
     ref = _assert_matches_reference(layer, x, "original")
@@ -197,7 +180,6 @@ def test_copies_do_not_share_caches(kind):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_cache_follows_device_moves(kind):
-    _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(6, IN)
     _assert_matches_reference(layer, x, "cpu")
@@ -228,7 +210,6 @@ def _flip_state(layer, round_):
 def test_concurrent_forward_from_threads(kind):
     """An inference server: 8 threads call one layer at once, released together by a barrier
     right after the layer's state changed; each thread checks every one of its results."""
-    _skip_missing(kind)
     layer = _make(kind)
     g = torch.Generator().manual_seed(7)
     xs = [torch.randn(3 + i, IN, generator=g) for i in range(THREADS)]
@@ -325,8 +306,7 @@ def _det_cases():
     modules = [("MaskedSparseLinear", MaskedSparseLinear.from_dense(nn.Linear(in_f, out_f), mask=mask)),
                ("MaskedSparseLinear_sparse", MaskedSparseLinear.from_dense(
                    nn.Linear(in_f, out_f), mask=torch.rand(out_f, in_f, generator=g) < 0.1))]
-    if not _codebook_missing():
-        modules.append(("CodebookLinear", CodebookLinear.from_dense(nn.Linear(in_f, out_f), num_clusters=16)))
+    modules.append(("CodebookLinear", CodebookLinear.from_dense(nn.Linear(in_f, out_f), num_clusters=16)))
     for name, layer in modules:
         cases.append((name, lambda x, *params, layer=layer: layer(x), [t(batch, in_f), *layer.parameters()]))
     return cases
@@ -338,8 +318,6 @@ DET_NAMES = ["masked_linear", "codebook_linear_packed", "codebook_linear_unpacke
 
 @pytest.mark.parametrize("name", DET_NAMES)
 def test_deterministic_algorithms_bitwise_repeatable(name, deterministic):
-    if name == "CodebookLinear" and _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     assert torch.are_deterministic_algorithms_enabled()
     _, fn, leaves = next(c for c in _det_cases() if c[0] == name)
     runs = []
@@ -364,8 +342,6 @@ def test_deterministic_flag_restored():
 def test_cuda_codebook_backward_deterministic_or_clear_error(packed, deterministic):
     """The codebook gradient is a scatter-sum: on CUDA it must be repeatable under
     use_deterministic_algorithms(True), or refuse with an error that says why."""
-    if _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     g = torch.Generator().manual_seed(0)
     n = 16 if packed else 64
     idx = torch.randint(0, n, (512, 1024), generator=g, dtype=torch.uint8)
