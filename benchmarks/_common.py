@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.utils.benchmark as tbench
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# TORCHSLIM_RESULTS_DIR redirects the JSON (benchmarks/gpu_check.sh uses it).
+RESULTS_DIR = Path(os.environ.get("TORCHSLIM_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def time_ms(fn, min_run_time: float = 0.3, warmup: int = 3) -> dict:
