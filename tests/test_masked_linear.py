@@ -231,7 +231,6 @@ def test_opcheck():
     checks = ("test_schema", "test_faketensor")
     torch.library.opcheck(ops._masked_gather.default, (w, row_ptr, col_idx, False), test_utils=checks)
     torch.library.opcheck(ops._masked_spmm.default, (x, values, row_ptr, col_idx, b), test_utils=checks)
-    torch.library.opcheck(ops._masked_sddmm.default, (torch.randn(5, 10), x, row_ptr, col_idx), test_utils=checks)
     torch.library.opcheck(ops._masked_structure.default, (mask,), test_utils=("test_schema",))
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(ops._masked_backward.default,

@@ -6,10 +6,12 @@
 //   masked_linear_grad_input(grad_output, weight, mask)     grad_output @ (weight*mask)
 //   masked_linear_grad_weight(grad_output, input, mask)     (grad_output^T input) at kept positions
 // Structure ops used by torchslim.nn.MaskedSparseLinear, which caches the structure:
-//   _masked_structure(mask) -> (row_ptr, col_idx, t_row_ptr, t_col_idx)
+//   _masked_structure(mask) -> (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
 //   _masked_gather(weight, row_ptr, col_idx, transposed) -> values (float32, float64 for float64)
 //   _masked_spmm(input, values, row_ptr, col_idx, bias) -> input @ S^T + bias
-//   _masked_sddmm(grad_output, input, row_ptr, col_idx) -> dense-shaped dW, zero off the structure
+//   _masked_backward(grad_output, input, values_t, structures, need_input, need_weight)
+//       -> (grad_input, grad_weight): one transpose of grad_output serves both; grad_weight
+//          is dense-shaped, computed only at the kept positions, zero elsewhere
 // The structure ops check shapes, dtypes, devices and the row_ptr end points; the entries of
 // col_idx are trusted to come from _masked_structure (checking them would cost a pass over
 // the indices on every call).
@@ -592,25 +594,6 @@ Tensor masked_spmm(const Tensor& input, const Tensor& values, const Tensor& row_
   return lead_reshape(spmm_any(x2d, values, row_ptr, col_idx, bias), input, N);
 }
 
-Tensor masked_sddmm(const Tensor& grad_output, const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx) {
-  TORCH_CHECK(input.dim() >= 1 && is_floating(input.scalar_type()) && grad_output.scalar_type() == input.scalar_type(),
-              "_masked_sddmm: input and grad_output must share a floating dtype, got ", input.scalar_type(), " and ",
-              grad_output.scalar_type());
-  TORCH_CHECK(grad_output.device() == input.device(), "_masked_sddmm: grad_output and input must be on one device, got ",
-              grad_output.device(), " and ", input.device());
-  check_structure("_masked_sddmm", row_ptr, col_idx, input.device());
-  const int64_t N = row_ptr.size(0) - 1, K = input.size(-1);
-  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N, "_masked_sddmm: grad_output.shape[-1] must be ", N,
-              ", got shape ", grad_output.sizes());
-  TORCH_CHECK(col_idx.scalar_type() == index_type_for(K) || col_idx.scalar_type() == at::kInt,
-              "_masked_sddmm: col_idx of ", col_idx.scalar_type(), " cannot index in_features = ", K);
-  const Tensor x2d = input.reshape({-1, K});
-  const Tensor g2d = grad_output.reshape({-1, N});
-  TORCH_CHECK(x2d.size(0) == g2d.size(0), "_masked_sddmm: input and grad_output must have the same number of rows, got ",
-              x2d.size(0), " and ", g2d.size(0));
-  return sddmm_any(g2d, x2d, row_ptr, col_idx);
-}
-
 std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tensor& input, const Tensor& values_t,
                                            const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr,
                                            const Tensor& t_col_idx, bool need_input, bool need_weight) {
@@ -657,7 +640,6 @@ void define_masked_linear_ops(torch::Library& m) {
   m.def("_masked_structure(Tensor mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_masked_gather(Tensor weight, Tensor row_ptr, Tensor col_idx, bool transposed) -> Tensor");
   m.def("_masked_spmm(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias=None) -> Tensor");
-  m.def("_masked_sddmm(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx) -> Tensor");
   m.def("_masked_backward(Tensor grad_output, Tensor input, Tensor values_t, Tensor row_ptr, Tensor col_idx, "
         "Tensor t_row_ptr, Tensor t_col_idx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
@@ -669,7 +651,6 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("_masked_structure", &masked_structure);
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
-  m.impl("_masked_sddmm", &masked_sddmm);
   m.impl("_masked_backward", &masked_backward);
 }
 
@@ -681,7 +662,6 @@ TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
   m.impl("_masked_structure", &masked_structure);
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
-  m.impl("_masked_sddmm", &masked_sddmm);
   m.impl("_masked_backward", &masked_backward);
 }
 #endif
