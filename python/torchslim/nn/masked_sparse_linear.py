@@ -267,7 +267,11 @@ class MaskedSparseLinear(nn.Module):
         self.__dict__["_last_path"] = "dense"
         if grad:
             return F.linear(input, torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), bias)
-        return F.linear(input, self._packed("_dw", st, weight), bias)
+        pk = self._dw
+        if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
+                or pk.ptr != weight.data_ptr()):
+            return F.linear(input, self._packed("_dw", st, weight), bias)
+        return F.linear(input, pk.data, bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, density={self.density:.4f}"
