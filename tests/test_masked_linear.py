@@ -85,6 +85,12 @@ def test_structure_layout():
     w = torch.arange(9.0).reshape(3, 3)
     assert ops._masked_gather(w, row_ptr, col_idx, False).tolist() == [0.0, 2.0, 7.0, 8.0]
     assert ops._masked_gather(w, t_row_ptr, t_col_idx, True).tolist() == [0.0, 7.0, 2.0, 8.0]
+    # The structure ops directly, at batch 1 (SpMV) and batch > 1 (SpMM), whatever the size.
+    values = ops._masked_gather(w, row_ptr, col_idx, False)
+    b = torch.tensor([1.0, -2.0, 0.5])
+    for batch in (1, 3):
+        x = torch.randn(batch, 3)
+        torch.testing.assert_close(ops._masked_spmm(x, values, row_ptr, col_idx, b), ref_masked_linear(x, w, mask, b))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -254,7 +260,7 @@ from torchslim.ops import masked_linear
 from torchslim.ops._reference import ref_masked_linear
 torch.manual_seed(0)
 for batch in (1, 3, 17, 70):
-    for in_f, out_f in ((37, 29), (100, 300)):
+    for in_f, out_f in ((37, 29), (200, 300)):
         x = torch.randn(batch, in_f, requires_grad=True)
         w = torch.randn(out_f, in_f, requires_grad=True)
         mask = torch.rand(out_f, in_f) > 0.9

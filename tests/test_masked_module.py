@@ -50,6 +50,13 @@ def test_forward_backward_match_reference(sparsity, lead):
 def test_paths_and_density():
     sparse, _, mask = make_layer(sparsity=0.9)
     dense, _, _ = make_layer(sparsity=0.0)
+    big, _, _ = make_layer(400, 100, sparsity=0.9)
+    small, _, _ = make_layer(sparsity=0.9)
+    with torch.no_grad():
+        big(torch.randn(1, 400))
+        assert big.last_path == "sparse"
+        small(torch.randn(1, 48))
+        assert small.last_path == "dense"  # tiny layer at batch 1: a dense call is cheaper
     assert sparse.density == pytest.approx(mask.float().mean().item())
     assert dense.density == 1.0
     with torch.no_grad():
@@ -90,10 +97,10 @@ def test_set_mask_checks_and_invalidates():
         layer.set_mask([[True]])
 
 
-@pytest.mark.parametrize("batch", [1, 20])
-def test_cache_invalidation(batch):
-    layer, _, _ = make_layer(sparsity=0.9)
-    x = torch.randn(batch, 48)
+@pytest.mark.parametrize("batch,in_f", [(1, 48), (1, 900), (20, 48)])
+def test_cache_invalidation(batch, in_f):
+    layer, _, _ = make_layer(in_f, 40, sparsity=0.9)
+    x = torch.randn(batch, in_f)
 
     def check():
         with torch.no_grad():
@@ -106,17 +113,17 @@ def test_cache_invalidation(batch):
         layer.weight.mul_(2.0)  # in-place edit of the weight
     check()
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["mask"] = torch.rand(40, 48) > 0.95
-    state["weight"] = torch.randn(40, 48)
+    state["mask"] = torch.rand(40, in_f) > 0.95
+    state["weight"] = torch.randn(40, in_f)
     layer.load_state_dict(state)
     check()
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
-    layer(torch.randn(8, 48)).square().sum().backward()
+    layer(torch.randn(8, in_f)).square().sum().backward()
     opt.step()
     check()
-    layer.mask.data = torch.ones(40, 48, dtype=torch.bool)  # storage swap
+    layer.mask.data = torch.rand(40, in_f) > 0.9  # storage swap
     check()
-    layer.weight.data = torch.randn(40, 48)
+    layer.weight.data = torch.randn(40, in_f)
     check()
 
 
@@ -183,7 +190,7 @@ def test_optimizer_keeps_masked_weights():
 
 
 def test_concurrent_threads():
-    layer, _, _ = make_layer(200, 150, 0.9)
+    layer, _, _ = make_layer(200, 200, 0.9)  # > 32768 weights: batch 1 takes the sparse path
     inputs = [torch.randn(b, 200) for b in (1, 3, 40)]
     wants = [reference(layer, x) for x in inputs]
     errors = []

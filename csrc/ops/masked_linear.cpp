@@ -348,7 +348,9 @@ Tensor sddmm_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, co
 // (torchslim.nn.MaskedSparseLinear). `training`: the gradient kernels.
 bool prefer_dense(double density, int64_t batch, int64_t weight_numel, bool training = false) {
   if (training) return density > (batch >= 64 ? 0.35 : 0.2);
-  if (batch <= 1) return density > (weight_numel * 4 > (int64_t(16) << 20) ? 0.45 : 0.25);
+  if (batch <= 1) {
+    return weight_numel <= 32768 || density > (weight_numel * 4 > (int64_t(16) << 20) ? 0.45 : 0.25);
+  }
   return density > 0.4;
 }
 

@@ -18,6 +18,7 @@ _grad_enabled = torch.is_grad_enabled
 SPARSE_MAX_DENSITY_BATCH1 = 0.25        # inference, batch 1, dense weight in cache
 SPARSE_MAX_DENSITY_BATCH1_LARGE = 0.45  # inference, batch 1, dense weight > LARGE_WEIGHT_BYTES
 LARGE_WEIGHT_BYTES = 16 * 1024 * 1024
+SMALL_WEIGHT_NUMEL = 32768              # inference, batch 1: dense below this many weights
 SPARSE_MAX_DENSITY = 0.4                # inference, batch > 1
 SPARSE_MAX_DENSITY_TRAIN = 0.35         # training (gradients needed), batch >= 64
 SPARSE_MAX_DENSITY_TRAIN_SMALL = 0.2    # training, batch < 64
@@ -42,7 +43,8 @@ class _Structure:
         self.density = self.nnz / mask.numel() if mask.numel() else 0.0
         large = mask.numel() * 4 > LARGE_WEIGHT_BYTES
         d = self.density
-        self.sparse_b1 = d <= (SPARSE_MAX_DENSITY_BATCH1_LARGE if large else SPARSE_MAX_DENSITY_BATCH1)
+        self.sparse_b1 = mask.numel() > SMALL_WEIGHT_NUMEL and d <= (
+            SPARSE_MAX_DENSITY_BATCH1_LARGE if large else SPARSE_MAX_DENSITY_BATCH1)
         self.sparse_bn = d <= SPARSE_MAX_DENSITY
         self.sparse_train = d <= SPARSE_MAX_DENSITY_TRAIN
         self.sparse_train_small = d <= SPARSE_MAX_DENSITY_TRAIN_SMALL
@@ -112,7 +114,9 @@ class MaskedSparseLinear(nn.Module):
 
     ============================  =======================================
     inference, batch 1            density <= 0.25 (0.45 if the dense weight
-                                  exceeds 16 MiB: dense is then memory-bound)
+                                  exceeds 16 MiB: dense is then memory-bound),
+                                  and more than 32768 weights (below that the
+                                  fixed cost of a call dominates: dense wins)
     inference, batch > 1          density <= 0.4
     training, batch >= 64         density <= 0.35
     training, batch < 64          density <= 0.2
