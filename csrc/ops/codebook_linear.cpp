@@ -45,19 +45,33 @@
 namespace torchslim {
 namespace {
 
-// CPU: decoded W for the large-batch forward and grad_input: the whole W when its fp32
-// copy is at most 64 MiB (one decode and one BLAS call; each extra tile costs a fork/join
-// and a smaller GEMM), else tiles of rows of that size. The codebook gradient forms dW in
-// tiles of 8 MiB, binned while they are in cache.
-// TORCHSLIM_CODEBOOK_TILE_KB overrides the first (benchmarks).
+// CPU: decoded tiles of W (large-batch forward and grad_input) and of dW (codebook
+// gradient) of at most 8 MiB, in a scratch buffer kept per calling thread: a fresh
+// allocation of the whole fp32 W (64 MiB at 4096x4096) is served by mmap and costs its
+// page faults on every call, more than the decode itself. The tiles go through BLAS one
+// after another. TORCHSLIM_CODEBOOK_TILE_KB overrides the size (benchmarks).
 int64_t tile_bytes() {
   static const int64_t v = [] {
     const char* e = std::getenv("TORCHSLIM_CODEBOOK_TILE_KB");
-    return e ? std::max<int64_t>(4, std::atoll(e)) << 10 : int64_t(64) << 20;
+    return e ? std::max<int64_t>(4, std::atoll(e)) << 10 : int64_t(8) << 20;
   }();
   return v;
 }
-constexpr int64_t kGradTileBytes = 8 << 20;
+
+// [rows, cols] tensor of dtype `dtype` over this thread's scratch buffer (grown on demand,
+// 64-byte aligned). Valid until the next call on the same thread.
+at::Tensor scratch_tile(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  thread_local std::vector<double> buffer;  // doubles: 8-byte aligned storage
+  const size_t bytes = static_cast<size_t>(rows * cols) * at::elementSize(dtype) + 64;
+  if (buffer.size() * sizeof(double) < bytes) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(bytes / sizeof(double) + 1);
+  }
+  auto addr = reinterpret_cast<uintptr_t>(buffer.data());
+  void* aligned = reinterpret_cast<void*>((addr + 63) & ~uintptr_t(63));
+  return at::from_blob(aligned, {rows, cols}, at::TensorOptions().dtype(dtype));
+}
 constexpr int64_t kHistBlockRows = 16;           // rows per partial histogram (fixed: deterministic)
 
 struct Layout {
@@ -227,7 +241,7 @@ void forward_cpu_impl(const Layout& L, const at::Tensor& x2, const at::Tensor& i
     return;
   }
   const int64_t T_rows = tile_rows(L);
-  at::Tensor tile = at::empty({std::min(T_rows, L.out), L.in}, x2.options());
+  at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, x2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
     const int64_t o1 = std::min(L.out, o0 + T_rows);
     at::Tensor t = tile.narrow(0, 0, o1 - o0);
@@ -277,7 +291,7 @@ void grad_input_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Tensor
   const std::vector<T> table = padded_table<T>(codebook);
   const cpu::CodebookIndices w = cpu_view(L, idx);
   const int64_t T_rows = tile_rows(L);
-  at::Tensor tile = at::empty({std::min(T_rows, L.out), L.in}, g2.options());
+  at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, g2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
     const int64_t o1 = std::min(L.out, o0 + T_rows);
     at::Tensor t = tile.narrow(0, 0, o1 - o0);
@@ -335,8 +349,8 @@ void grad_codebook_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Ten
       return;
     }
   }
-  const int64_t T_rows = (tile_rows(L, kGradTileBytes) + kHistBlockRows - 1) / kHistBlockRows * kHistBlockRows;
-  at::Tensor tile = at::empty({std::min(T_rows, L.out), L.in}, g2.options());
+  const int64_t T_rows = (tile_rows(L) + kHistBlockRows - 1) / kHistBlockRows * kHistBlockRows;
+  at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, g2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
     const int64_t o1 = std::min(L.out, o0 + T_rows);
     at::Tensor t = tile.narrow(0, 0, o1 - o0);
