@@ -541,6 +541,46 @@ TS_AVX512 void p128_gemv(const CodebookIndices& w, const float* table, const flo
   });
 }
 
+// Byte-plane decode of rows of W into natural order: the 4 unpacked vectors hold, per
+// 128-bit lane l, elements 16 l + 4 q + t; a 4x4 transpose of 128-bit lanes restores order.
+TS_AVX512VBMI void decode_vbmi(const CodebookIndices& w, const float* table, float* dst, int64_t ld_dst,
+                               int64_t o0, int64_t o1) {
+  VbmiTable t;
+  vbmi_load_table(table, t);
+  const int64_t steps = w.in / 64;
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* row = w.idx + o * w.ld;
+    float* d = dst + (o - o0) * ld_dst;
+    for (int64_t s = 0; s < steps; ++s) {
+      const __m512i v = _mm512_loadu_si512(row + s * 64);
+      const __mmask64 hi = _mm512_movepi8_mask(v);
+      __m512i pl[4];
+      for (int q = 0; q < 4; ++q) {
+        const __m512i a = _mm512_permutex2var_epi8(t.p[q][0], v, t.p[q][1]);
+        const __m512i c = _mm512_permutex2var_epi8(t.p[q][2], v, t.p[q][3]);
+        pl[q] = _mm512_mask_blend_epi8(hi, a, c);
+      }
+      const __m512i a_lo = _mm512_unpacklo_epi8(pl[0], pl[1]);
+      const __m512i a_hi = _mm512_unpackhi_epi8(pl[0], pl[1]);
+      const __m512i b_lo = _mm512_unpacklo_epi8(pl[2], pl[3]);
+      const __m512i b_hi = _mm512_unpackhi_epi8(pl[2], pl[3]);
+      const __m512 f0 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(a_lo, b_lo));
+      const __m512 f1 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(a_lo, b_lo));
+      const __m512 f2 = _mm512_castsi512_ps(_mm512_unpacklo_epi16(a_hi, b_hi));
+      const __m512 f3 = _mm512_castsi512_ps(_mm512_unpackhi_epi16(a_hi, b_hi));
+      const __m512 t0 = _mm512_shuffle_f32x4(f0, f1, 0x44);
+      const __m512 t1 = _mm512_shuffle_f32x4(f2, f3, 0x44);
+      const __m512 t2 = _mm512_shuffle_f32x4(f0, f1, 0xEE);
+      const __m512 t3 = _mm512_shuffle_f32x4(f2, f3, 0xEE);
+      _mm512_storeu_ps(d + s * 64, _mm512_shuffle_f32x4(t0, t1, 0x88));
+      _mm512_storeu_ps(d + s * 64 + 16, _mm512_shuffle_f32x4(t0, t1, 0xDD));
+      _mm512_storeu_ps(d + s * 64 + 32, _mm512_shuffle_f32x4(t2, t3, 0x88));
+      _mm512_storeu_ps(d + s * 64 + 48, _mm512_shuffle_f32x4(t2, t3, 0xDD));
+    }
+    for (int64_t j = steps * 64; j < w.in; ++j) d[j] = table[row[j]];
+  }
+}
+
 TS_AVX512 void decode_packed_avx512(const CodebookIndices& w, const float* table, float* dst, int64_t ld_dst,
                                     int64_t o0, int64_t o1) {
   const __m512 c = _mm512_loadu_ps(table);
@@ -721,6 +761,8 @@ void codebook_decode(const CodebookIndices& w, const float* table, float* dst, i
   if (simd_level() == SimdLevel::AVX512) {
     if (w.packed)
       decode_packed_avx512(w, table, dst, ld_dst, o0, o1);
+    else if (w.num_clusters > 16 && has_vbmi())
+      decode_vbmi(w, table, dst, ld_dst, o0, o1);
     else
       decode_bytes_avx512(w, table, dst, ld_dst, o0, o1);
     return;
