@@ -82,7 +82,7 @@ struct Layout {
 
 // CPU: batches up to this size run the register-decode GEMV, larger ones decode + BLAS.
 // The crossover depends on the decode cost: one permute per 16 weights for 4-bit / K <= 32,
-// the byte-plane lookup (about 5x that) for K > 32. TORCHSLIM_CODEBOOK_GEMV_MAX_BATCH
+// the byte-plane lookup (several times that) for K > 32. TORCHSLIM_CODEBOOK_GEMV_MAX_BATCH
 // overrides it (read once; for benchmarks).
 int64_t gemv_max_batch(const Layout& L, bool fp64) {
   static const int64_t env = [] {
@@ -91,7 +91,9 @@ int64_t gemv_max_batch(const Layout& L, bool fp64) {
   }();
   if (env >= 0) return env;
   if (fp64) return 8;
-  return (L.packed || L.K <= 32) ? 32 : 16;
+  if (L.packed || L.K <= 32) return 32;
+  // Byte-plane decode: past batch 8 it only pays while the dense W would not sit in cache.
+  return L.out * L.in * 4 > (int64_t(16) << 20) ? 16 : 8;
 }
 
 bool is_float_dtype(at::ScalarType t) {
