@@ -128,7 +128,8 @@ def main() -> None:
                 d = dense_ms[batch]
                 # floor: the best ratio the machine allows, each side limited by its bytes
                 # (from the LLC when they fit in half of it, else DRAM) or by the GEMM rate
-                flops = 2 * batch * out_f * in_f
+                # (batch 1 has no GEMM term: a GEMV's arithmetic is not what limits either side)
+                flops = 2 * batch * out_f * in_f if batch > 1 else 0
                 t_dense = max(dense_bytes / (bw_llc if dense_bytes <= llc // 2 else bw_dram), flops / gemm) / 1e6
                 t_ours = max(ours_bytes / (bw_llc if ours_bytes <= llc // 2 else bw_dram), flops / gemm) / 1e6
                 floor = t_dense / t_ours
