@@ -70,7 +70,7 @@ def _check_outputs(out: Path, names: list[str]) -> dict:
 
 def test_dense_and_student_only(tmp_path, capsys):
     rc = main(["run", "--no-prune", "--no-share", "--epochs", "2", "--hidden", "32,16", "--student-hidden", "8",
-               "--out", str(tmp_path), "--no-progress", "--seed", "1"])
+               "--out", str(tmp_path), "--no-progress", "--seed", "1", "--latency-time", "0.01"])
     assert rc == 0
     report = _check_outputs(tmp_path, ["dense", "student"])
     assert report["config"]["hidden"] == [32, 16]
@@ -82,7 +82,8 @@ def test_dense_and_student_only(tmp_path, capsys):
 def test_full_pipeline_tiny(tmp_path):
     out = tmp_path / "o"
     rc = main(["run", "--epochs", "3", "--prune-epochs", "2", "--share-epochs", "1", "--sparsity", "0.8", "--bits", "3",
-               "--student-hidden", "16", "--hidden", "48,24", "--out", str(out), "--no-progress"])
+               "--student-hidden", "16", "--hidden", "48,24", "--out", str(out), "--no-progress",
+               "--latency-time", "0.01"])
     assert rc == 0
     report = _check_outputs(out, ["dense", "pruned", "shared", "student", "student-pruned", "student-shared"])
     st = {s["name"]: s for s in report["stages"]}

@@ -691,8 +691,6 @@ def _decode(node, where: str, reader: _Reader, depth: int, meta: dict) -> nn.Mod
             cb = reader.tensor(where, f"codebook/{key}", (k,))
             reader.codebooks[key] = nn.Parameter(cb.clone())
         codebook = reader.codebooks[key]
-        if node["zero_pinned"] and float(codebook.detach()[0]) != 0.0:
-            raise reader.err(where, "zero_pinned layer whose codebook[0] is not 0.0")
         if node["enc"] == "dense":
             row_bytes = (in_f + 1) // 2 if k <= 16 else in_f
             raw = reader.stream(where, node["codes"], "codes", exact_len=row_bytes * out_f)

@@ -97,6 +97,8 @@ class PipelineConfig:
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         if self.threads is not None:
             pos_int("threads", self.threads)
+        if not (isinstance(self.latency_min_run_time, (int, float)) and self.latency_min_run_time > 0):
+            raise ValueError(f"latency_min_run_time must be > 0 seconds, got {self.latency_min_run_time!r}")
 
 
 def make_mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
