@@ -82,6 +82,7 @@ def test_every_simd_path():
     procs = {simd: subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TORCHSLIM_SIMD=simd),
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for simd in ("scalar", "avx2")}
+    exec(compile(code, "<simd-check>", "exec"), {})
     for simd, proc in procs.items():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, (simd, err[-3000:])

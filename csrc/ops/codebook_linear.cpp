@@ -10,7 +10,7 @@
 // checked against K before any lookup (a scan, skipped when the layout cannot hold a value
 // >= K: K = 256 unpacked, K = 16 packed); kernels look up a table padded to 256 entries.
 //
-// CPU strategy: batch <= kGemvMaxBatch runs the register-decode GEMV (codebook_gemv);
+// CPU strategy: small batches (gemv_max_batch) run the register-decode GEMV (codebook_gemv);
 // larger batches decode a tile of rows of W to fp32 in a buffer and hand it to at::mm
 // (BLAS), tile by tile, so that the whole dense W never exists at once. The gradients use
 // the same tiles: grad_input accumulates grad[:, tile] @ W_tile, the codebook gradient forms
@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/cpu/codebook_linear.h"
@@ -44,8 +45,33 @@
 namespace torchslim {
 namespace {
 
-constexpr int64_t kGemvMaxBatch = 8;             // CPU: larger batches go to decode + BLAS
-constexpr int64_t kTileBytes = 8 << 20;          // CPU: decoded fp32 tile of W (bytes)
+// CPU: decoded tiles of W (large-batch forward and grad_input) and of dW (codebook
+// gradient) of at most 8 MiB, in a scratch buffer kept per calling thread: a fresh
+// allocation of the whole fp32 W (64 MiB at 4096x4096) is served by mmap and costs its
+// page faults on every call, more than the decode itself. The tiles go through BLAS one
+// after another. TORCHSLIM_CODEBOOK_TILE_KB overrides the size (benchmarks).
+int64_t tile_bytes() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("TORCHSLIM_CODEBOOK_TILE_KB");
+    return e ? std::max<int64_t>(4, std::atoll(e)) << 10 : int64_t(8) << 20;
+  }();
+  return v;
+}
+
+// [rows, cols] tensor of dtype `dtype` over this thread's scratch buffer (grown on demand,
+// 64-byte aligned). Valid until the next call on the same thread.
+at::Tensor scratch_tile(int64_t rows, int64_t cols, at::ScalarType dtype) {
+  thread_local std::vector<double> buffer;  // doubles: 8-byte aligned storage
+  const size_t bytes = static_cast<size_t>(rows * cols) * at::elementSize(dtype) + 64;
+  if (buffer.size() * sizeof(double) < bytes) {
+    buffer.clear();
+    buffer.shrink_to_fit();
+    buffer.resize(bytes / sizeof(double) + 1);
+  }
+  auto addr = reinterpret_cast<uintptr_t>(buffer.data());
+  void* aligned = reinterpret_cast<void*>((addr + 63) & ~uintptr_t(63));
+  return at::from_blob(aligned, {rows, cols}, at::TensorOptions().dtype(dtype));
+}
 constexpr int64_t kHistBlockRows = 16;           // rows per partial histogram (fixed: deterministic)
 
 struct Layout {
@@ -53,6 +79,22 @@ struct Layout {
   int64_t K = 0;
   bool packed = false;
 };
+
+// CPU: batches up to this size run the register-decode GEMV, larger ones decode + BLAS.
+// The crossover depends on the decode cost: one permute per 16 weights for 4-bit / K <= 32,
+// the byte-plane lookup (several times that) for K > 32. TORCHSLIM_CODEBOOK_GEMV_MAX_BATCH
+// overrides it (read once; for benchmarks).
+int64_t gemv_max_batch(const Layout& L, bool fp64) {
+  static const int64_t env = [] {
+    const char* e = std::getenv("TORCHSLIM_CODEBOOK_GEMV_MAX_BATCH");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(-1);
+  }();
+  if (env >= 0) return env;
+  if (fp64) return 8;
+  if (L.packed || L.K <= 32) return 32;
+  // Byte-plane decode: past batch 8 it only pays while the dense W would not sit in cache.
+  return L.out * L.in * 4 > (int64_t(16) << 20) ? 16 : 8;
+}
 
 bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
@@ -162,8 +204,8 @@ std::vector<int64_t> out_shape(const at::Tensor& t, int64_t last) {
   return s;
 }
 
-int64_t tile_rows(const Layout& L) {
-  return std::max<int64_t>(16, std::min<int64_t>(L.out, kTileBytes / (4 * std::max<int64_t>(L.in, 1))));
+int64_t tile_rows(const Layout& L, int64_t bytes = tile_bytes()) {
+  return std::max<int64_t>(16, std::min<int64_t>(L.out, bytes / (4 * std::max<int64_t>(L.in, 1))));
 }
 
 // Decode rows [o0, o1) of W into tile (contiguous [o1-o0, in]) with threads.
@@ -183,7 +225,7 @@ void forward_cpu_impl(const Layout& L, const at::Tensor& x2, const at::Tensor& i
   const std::vector<T> table = padded_table<T>(codebook);
   const cpu::CodebookIndices w = cpu_view(L, idx);
   const T* bptr = bias.defined() ? bias.data_ptr<T>() : nullptr;
-  if (B <= kGemvMaxBatch) {
+  if (B <= gemv_max_batch(L, std::is_same_v<T, double>)) {
     const T* x = x2.data_ptr<T>();
     T* y = y2.data_ptr<T>();
     const int64_t grain = std::max<int64_t>(4, (1 << 15) / std::max<int64_t>(L.in * B, 1));
@@ -201,7 +243,7 @@ void forward_cpu_impl(const Layout& L, const at::Tensor& x2, const at::Tensor& i
     return;
   }
   const int64_t T_rows = tile_rows(L);
-  at::Tensor tile = at::empty({std::min(T_rows, L.out), L.in}, x2.options());
+  at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, x2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
     const int64_t o1 = std::min(L.out, o0 + T_rows);
     at::Tensor t = tile.narrow(0, 0, o1 - o0);
@@ -251,7 +293,7 @@ void grad_input_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Tensor
   const std::vector<T> table = padded_table<T>(codebook);
   const cpu::CodebookIndices w = cpu_view(L, idx);
   const int64_t T_rows = tile_rows(L);
-  at::Tensor tile = at::empty({std::min(T_rows, L.out), L.in}, g2.options());
+  at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, g2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
     const int64_t o1 = std::min(L.out, o0 + T_rows);
     at::Tensor t = tile.narrow(0, 0, o1 - o0);
@@ -295,7 +337,7 @@ void grad_codebook_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Ten
   const int64_t nblocks = (L.out + kHistBlockRows - 1) / kHistBlockRows;
   std::vector<double> partial(static_cast<size_t>(nblocks * K), 0.0);
   if constexpr (std::is_same_v<T, float>) {
-    if (B <= kGemvMaxBatch) {
+    if (B <= 8) {
       const float* dy = g2.data_ptr<float>();
       const float* x = x2.data_ptr<float>();
       at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -310,7 +352,7 @@ void grad_codebook_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Ten
     }
   }
   const int64_t T_rows = (tile_rows(L) + kHistBlockRows - 1) / kHistBlockRows * kHistBlockRows;
-  at::Tensor tile = at::empty({std::min(T_rows, L.out), L.in}, g2.options());
+  at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, g2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
     const int64_t o1 = std::min(L.out, o0 + T_rows);
     at::Tensor t = tile.narrow(0, 0, o1 - o0);
