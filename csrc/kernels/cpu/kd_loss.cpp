@@ -299,8 +299,8 @@ using V = Avx512;
 #endif  // __x86_64__
 #undef TORCHSLIM_KD_BODY
 
-void kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end) {
-  if (begin >= end) return;
+double kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end) {
+  if (begin >= end) return 0.0;
   if (p.dtype == KdDtype::F64) return kd_scalar_f64::rows_entry<>(p, begin, end);
 #if defined(__x86_64__)
   switch (simd_level()) {
@@ -309,7 +309,7 @@ void kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     default: break;
   }
 #endif
-  kd_scalar::rows_entry<>(p, begin, end);
+  return kd_scalar::rows_entry<>(p, begin, end);
 }
 
 }  // namespace cpu
@@ -324,7 +324,7 @@ static inline void store_one(In* dst, A v) {
 }
 
 template <class In, bool kGrad>
-static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
+static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   using A = typename V::A;
   using vf = typename V::vf;
   constexpr int W = V::W;
@@ -344,6 +344,7 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   const int64_t scratch_len = kGrad ? (kGradInPlace ? C : 2 * C) : 0;
   std::unique_ptr<A[]> scratch(new A[scratch_len + 1]);
   std::vector<BlockStats> blocks(nb);
+  double total = 0.0;
 
   for (int64_t r = begin; r < end; ++r) {
     const In* s = S + r * p.student_row_stride;
@@ -352,7 +353,7 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     In* g = kGrad ? G + r * C : nullptr;
     if (wr == 0.0) {  // padding row: counts for nothing, whatever its logits hold
       if constexpr (kGrad) std::memset(static_cast<void*>(g), 0, sizeof(In) * C);
-      p.row_loss[r] = 0.0;
+      if (p.row_loss) p.row_loss[r] = 0.0;
       continue;
     }
     A* es = nullptr;
@@ -444,7 +445,9 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     // at high temperatures Zs ~ Zt and T^2 would amplify the rounding of two separate logs.
     double kl = Wx * invT / Zt + std::log1p(Dz / Zt);
     if (kl < 0.0) kl = 0.0;  // rounding only: KL >= 0 (NaN passes through)
-    p.row_loss[r] = wr * T * T * kl;
+    const double loss = wr * T * T * kl;
+    if (p.row_loss) p.row_loss[r] = loss;
+    total += loss;
 
     if constexpr (kGrad) {
       // Pass C: grad = w_r * T * scale * (p_s - p_t), from the kept exponentials.
@@ -471,32 +474,27 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
       }
     }
   }
+  return total;
 }
 
 template <class VV = V>
-static void rows_entry(const KdLossParams& p, int64_t begin, int64_t end) {
+static double rows_entry(const KdLossParams& p, int64_t begin, int64_t end) {
   const bool grad = p.grad != nullptr;
   if constexpr (std::is_same_v<typename VV::A, double>) {
-    if (grad) kd_rows<double, true>(p, begin, end);
-    else kd_rows<double, false>(p, begin, end);
+    return grad ? kd_rows<double, true>(p, begin, end) : kd_rows<double, false>(p, begin, end);
   } else {
     switch (p.dtype) {
       case KdDtype::F32:
-        if (grad) kd_rows<float, true>(p, begin, end);
-        else kd_rows<float, false>(p, begin, end);
-        break;
+        return grad ? kd_rows<float, true>(p, begin, end) : kd_rows<float, false>(p, begin, end);
       case KdDtype::BF16:
-        if (grad) kd_rows<Bf16, true>(p, begin, end);
-        else kd_rows<Bf16, false>(p, begin, end);
-        break;
+        return grad ? kd_rows<Bf16, true>(p, begin, end) : kd_rows<Bf16, false>(p, begin, end);
       case KdDtype::F16:
-        if (grad) kd_rows<F16, true>(p, begin, end);
-        else kd_rows<F16, false>(p, begin, end);
-        break;
+        return grad ? kd_rows<F16, true>(p, begin, end) : kd_rows<F16, false>(p, begin, end);
       default:
         break;
     }
   }
+  return 0.0;
 }
 
 #endif  // TORCHSLIM_KD_BODY
