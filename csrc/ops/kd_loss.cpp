@@ -155,6 +155,7 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& student, 
     p.grad_scale = scale;
     p.grad = need_grad ? grad.data_ptr() : nullptr;
     p.row_loss = row_loss.defined() ? row_loss.data_ptr<double>() : nullptr;
+    p.stream_grad = need_grad && grad.nbytes() >= (size_t(16) << 20);  // far beyond the caches
     // Fixed chunks of >= 32k elements; each returns its loss sum, added up in chunk order
     // (deterministic whatever the thread count or scheduling).
     const int64_t chunk = std::max<int64_t>(1, 32768 / C);

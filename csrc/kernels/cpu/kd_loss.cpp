@@ -104,6 +104,8 @@ struct ScalarF {
   static void store(float* p, vf v) { *p = v; }
   static void store(Bf16* p, vf v) { *p = from_float<Bf16>(v); }
   static void store(F16* p, vf v) { *p = from_float<F16>(v); }
+  template <class P> static void stream(P* p, vf v) { store(p, v); }
+  static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
   static vf sub(vf a, vf b) { return a - b; }
   static vf mul(vf a, vf b) { return a * b; }
@@ -131,6 +133,8 @@ struct ScalarD {
   static vf zero() { return 0.0; }
   static vf load(const double* p) { return *p; }
   static void store(double* p, vf v) { *p = v; }
+  static void stream(double* p, vf v) { *p = v; }
+  static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
   static vf sub(vf a, vf b) { return a - b; }
   static vf mul(vf a, vf b) { return a * b; }
@@ -175,18 +179,25 @@ struct Avx2 {
   }
   static vf load(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
-  static void store(Bf16* p, vf v) {
+  static __m128i to_bf16(vf v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
   }
+  static void store(Bf16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
   static void store(F16* p, vf v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
+  // Streaming stores: p aligned to the vector's byte width.
+  static void stream(float* p, vf v) { _mm256_stream_ps(p, v); }
+  static void stream(Bf16* p, vf v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+  static void stream(F16* p, vf v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void fence() { _mm_sfence(); }
   static vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -246,17 +257,24 @@ struct Avx512 {
   }
   static vf load(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
-  static void store(Bf16* p, vf v) {
+  static __m256i to_bf16(vf v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
+  static void store(Bf16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
   static void store(F16* p, vf v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
+  static void stream(float* p, vf v) { _mm512_stream_ps(p, v); }
+  static void stream(Bf16* p, vf v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
+  static void stream(F16* p, vf v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void fence() { _mm_sfence(); }
   static vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
@@ -328,7 +346,6 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   using A = typename V::A;
   using vf = typename V::vf;
   constexpr int W = V::W;
-  constexpr bool kGradInPlace = std::is_same_v<In, A>;  // exponentials kept in the gradient row
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const int64_t C = p.classes;
   const int64_t nb = (C + kBlock - 1) / kBlock;
@@ -341,7 +358,10 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   In* G = static_cast<In*>(p.grad);
   const A* RW = static_cast<const A*>(p.row_weight);
 
-  const int64_t scratch_len = kGrad ? (kGradInPlace ? C : 2 * C) : 0;
+  // Student exponentials go to the gradient row itself (it is rewritten in place) unless the
+  // gradient is streamed out or has another dtype; teacher exponentials to the scratch.
+  const bool in_place = std::is_same_v<In, A> && !p.stream_grad;
+  const int64_t scratch_len = kGrad ? (in_place ? C : 2 * C) : 0;
   std::unique_ptr<A[]> scratch(new A[scratch_len + 1]);
   std::vector<BlockStats> blocks(nb);
   double total = 0.0;
@@ -360,8 +380,7 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     A* et = nullptr;
     if constexpr (kGrad) {
       et = scratch.get();
-      if constexpr (kGradInPlace) es = reinterpret_cast<A*>(g);
-      else es = scratch.get() + C;
+      es = in_place ? reinterpret_cast<A*>(g) : scratch.get() + C;
     }
 
     A run_s = kNegInf, run_t = kNegInf;
@@ -461,18 +480,27 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
         const A* esb = es + lo;
         const A* etb = et + lo;
         In* gb = g + lo;
+        // Equal scales (identical rows among others): cs * (e_s - e_t), exactly 0 where e_s == e_t.
+        const bool same = cs == ct;
+        auto vec_at = [&](int64_t i) {
+          const vf a = V::load(esb + i), b = V::load(etb + i);
+          return same ? V::mul(vcs, V::sub(a, b)) : V::sub(V::mul(vcs, a), V::mul(vct, b));
+        };
+        auto one_at = [&](int64_t i) { return same ? cs * (esb[i] - etb[i]) : cs * esb[i] - ct * etb[i]; };
         int64_t i = 0;
-        if (cs == ct) {  // equal scales (identical rows among others): exactly 0 where e_s == e_t
-          for (; i + W <= n; i += W) V::store(gb + i, V::mul(vcs, V::sub(V::load(esb + i), V::load(etb + i))));
-          for (; i < n; ++i) store_one(gb + i, cs * (esb[i] - etb[i]));
+        if (p.stream_grad) {
+          constexpr uintptr_t kAlign = uintptr_t(W) * sizeof(In);
+          for (; i < n && reinterpret_cast<uintptr_t>(gb + i) % kAlign != 0; ++i) store_one(gb + i, one_at(i));
+          for (; i + W <= n; i += W) V::stream(gb + i, vec_at(i));
         } else {
-          for (; i + W <= n; i += W) {
-            V::store(gb + i, V::sub(V::mul(vcs, V::load(esb + i)), V::mul(vct, V::load(etb + i))));
-          }
-          for (; i < n; ++i) store_one(gb + i, cs * esb[i] - ct * etb[i]);
+          for (; i + W <= n; i += W) V::store(gb + i, vec_at(i));
         }
+        for (; i < n; ++i) store_one(gb + i, one_at(i));
       }
     }
+  }
+  if constexpr (kGrad) {
+    if (p.stream_grad) V::fence();
   }
   return total;
 }

@@ -30,6 +30,10 @@ struct KdLossParams {
   double grad_scale = 1.0;  // reduction factor: 1 (sum, none), 1/D (batchmean), 1/(D*C) (mean)
   void* grad = nullptr;     // optional [rows, classes] contiguous output, same dtype as the logits
   double* row_loss = nullptr;  // optional [rows] output
+  // Write the gradient with non-temporal (streaming) stores and keep both rows of
+  // exponentials in the scratch instead: for gradients far larger than the caches, this
+  // saves reading every gradient line before writing it.
+  bool stream_grad = false;
 };
 
 // Processes rows [begin, end) and returns the sum of their losses; disjoint ranges may run
