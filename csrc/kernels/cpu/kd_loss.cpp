@@ -95,7 +95,10 @@ inline double nan_ignoring_max(double m, double x) { return x > m ? x : m; }
 struct ScalarF {
   using A = float;
   using vf = float;
+  using vacc = double;  // one lane sums a whole block: accumulate in double
   static constexpr int W = 1;
+  static vacc acc_add(vacc a, vf b) { return a + double(b); }
+  static vacc acc_zero() { return 0.0; }
   static vf set1(float v) { return v; }
   static vf zero() { return 0.0f; }
   static vf load(const float* p) { return *p; }
@@ -112,7 +115,7 @@ struct ScalarF {
   static vf max_ignore_nan(vf acc, vf x) { return nan_ignoring_max(acc, x); }
   static vf select_pos(vf e, vf v) { return e > 0.0f ? v : 0.0f; }
   static float hmax(vf v) { return v; }
-  static double hsum(vf v) { return v; }
+  static double hsum(vacc v) { return v; }
   static vf exp2(vf y) {
     if (y < -127.0f) y = -127.0f;  // NaN passes through
     const float n = std::nearbyint(y);
@@ -128,7 +131,10 @@ struct ScalarF {
 struct ScalarD {
   using A = double;
   using vf = double;
+  using vacc = double;
   static constexpr int W = 1;
+  static vacc acc_add(vacc a, vf b) { return a + b; }
+  static vacc acc_zero() { return 0.0; }
   static vf set1(double v) { return v; }
   static vf zero() { return 0.0; }
   static vf load(const double* p) { return *p; }
@@ -169,7 +175,10 @@ using namespace kd_detail;
 struct Avx2 {
   using A = float;
   using vf = __m256;
+  using vacc = __m256;  // 8 lanes, each summing 1/8 of a block
   static constexpr int W = 8;
+  static vacc acc_add(vacc a, vf b) { return _mm256_add_ps(a, b); }
+  static vacc acc_zero() { return _mm256_setzero_ps(); }
   static vf set1(float v) { return _mm256_set1_ps(v); }
   static vf zero() { return _mm256_setzero_ps(); }
   static vf load(const float* p) { return _mm256_loadu_ps(p); }
@@ -247,7 +256,10 @@ using namespace kd_detail;
 struct Avx512 {
   using A = float;
   using vf = __m512;
+  using vacc = __m512;
   static constexpr int W = 16;
+  static vacc acc_add(vacc a, vf b) { return _mm512_add_ps(a, b); }
+  static vacc acc_zero() { return _mm512_setzero_ps(); }
   static vf set1(float v) { return _mm512_set1_ps(v); }
   static vf zero() { return _mm512_setzero_ps(); }
   static vf load(const float* p) { return _mm512_loadu_ps(p); }
@@ -409,17 +421,18 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
       const vf vsh_s = V::set1(sh_s), vsh_t = V::set1(sh_t);
 
       // Pass B: one exponential per element per input, sums, and the KL cross term.
-      vf vzs = V::zero(), vzt = V::zero(), vw = V::zero(), vdz = V::zero();
+      using vacc = typename V::vacc;
+      vacc vzs = V::acc_zero(), vzt = V::acc_zero(), vw = V::acc_zero(), vdz = V::acc_zero();
       auto step = [&](vf xs, vf xt, A* es_out, A* et_out) {
         const vf ds = V::sub(xs, vsh_s);
         const vf dt = V::sub(xt, vsh_t);
         const vf e_s = V::exp2(V::mul(ds, vkk));
         const vf e_t = V::exp2(V::mul(dt, vkk));
-        vzs = V::add(vzs, e_s);
-        vzt = V::add(vzt, e_t);
-        vdz = V::add(vdz, V::sub(e_s, e_t));
+        vzs = V::acc_add(vzs, e_s);
+        vzt = V::acc_add(vzt, e_t);
+        vdz = V::acc_add(vdz, V::sub(e_s, e_t));
         // 0 * log 0 = 0: classes the teacher gives no mass contribute nothing.
-        vw = V::add(vw, V::select_pos(e_t, V::mul(e_t, V::sub(dt, ds))));
+        vw = V::acc_add(vw, V::select_pos(e_t, V::mul(e_t, V::sub(dt, ds))));
         if constexpr (kGrad) {
           V::store(es_out, e_s);
           V::store(et_out, e_t);
