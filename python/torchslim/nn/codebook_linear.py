@@ -1,9 +1,232 @@
-"""CodebookLinear (placeholder until the weight-sharing work lands)."""
+"""CodebookLinear: a linear layer whose weights are small indices into a codebook of shared
+values (Deep Compression's weight sharing)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
 from torch import nn
+
+from torchslim.kmeans import INITS, assign, kmeans_1d
+from torchslim.ops import codebook_linear
+from torchslim.ops._reference import pack_int4, unpack_int4
+
+MAX_CLUSTERS = 256
+PACKED_MAX_CLUSTERS = 16
+
+
+def _check_num_clusters(num_clusters) -> int:
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int):
+        raise ValueError(f"num_clusters must be an integer in 1..{MAX_CLUSTERS}, got {num_clusters!r}")
+    if not 1 <= num_clusters <= MAX_CLUSTERS:
+        raise ValueError(
+            f"num_clusters must be in 1..{MAX_CLUSTERS} (indices are uint8), got {num_clusters}")
+    return num_clusters
+
+
+def index_bits(num_clusters: int) -> int:
+    """Bits each stored index takes: 4 (packed two a byte) for <= 16 clusters, else 8."""
+    return 4 if num_clusters <= PACKED_MAX_CLUSTERS else 8
+
+
+def encode_indices(labels: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """[out, in] integer labels < num_clusters -> the uint8 ``indices`` layout of a layer
+    with ``num_clusters`` clusters (packed 4-bit when num_clusters <= 16)."""
+    idx = labels.to(torch.uint8)
+    return pack_int4(idx) if num_clusters <= PACKED_MAX_CLUSTERS else idx.contiguous()
 
 
 class CodebookLinear(nn.Module):
-    """Linear layer whose weights are indices into a shared codebook (not yet implemented)."""
+    """Drop-in replacement for nn.Linear computing ``x @ codebook[indices].T + bias``.
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("CodebookLinear is not implemented yet")
+    - ``codebook``: Parameter [num_clusters], the shared weight values (trainable). Under
+      global sharing (``torchslim.share.cluster_weights(scope="global")``) several layers
+      hold the same Parameter object, so its gradient sums over them.
+    - ``indices``: uint8 buffer, not trained. num_clusters <= 16: packed 4-bit
+      [out, ceil(in/2)] (element j in the low nibble of byte j//2 when j is even, the high
+      nibble when odd); otherwise [out, in].
+    - ``bias``: Parameter [out] or None.
+    - ``weight``: the decoded [out, in] weight (read-only property, differentiable with
+      respect to ``codebook``).
+    - ``zero_pinned``: codebook[0] is held at exactly 0.0 and indexes the pruned positions.
+      The forward reads the codebook as ``[0, codebook[1:]]``, so codebook[0] gets an exactly
+      zero gradient on every backward and the layer computes with 0 there whatever the stored
+      value; this is structural (no hook), so it survives state_dict, deepcopy, pickling and
+      torch.compile. Since the stored value is 0 and its gradient is 0, SGD/Adam/AdamW
+      weight decay (which scales with the value) leaves it at 0 too.
+    """
+
+    def __init__(self, in_features: int, out_features: int, num_clusters: int = 16, bias: bool = True,
+                 zero_pinned: bool = False, device=None, dtype=None):
+        super().__init__()
+        self._build(in_features, out_features, num_clusters, bias, zero_pinned, device, dtype)
+        self.reset_parameters()
+
+    def _build(self, in_features, out_features, num_clusters, bias, zero_pinned, device, dtype) -> None:
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+        _check_num_clusters(num_clusters)
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = in_features
+        self.out_features = out_features
+        self.num_clusters = num_clusters
+        self.zero_pinned = bool(zero_pinned)
+        self.codebook = nn.Parameter(torch.empty(num_clusters, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        cols = (in_features + 1) // 2 if num_clusters <= PACKED_MAX_CLUSTERS else in_features
+        self.register_buffer("indices", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
+        self.reconstruction_error: float | None = None  # set by from_dense / assign_indices
+
+    @classmethod
+    def _uninitialized(cls, in_features, out_features, num_clusters, bias, zero_pinned, device, dtype):
+        """A layer whose codebook, indices and bias are about to be overwritten (skips the
+        random initialisation)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._build(in_features, out_features, num_clusters, bias, zero_pinned, device, dtype)
+        return layer
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's range: codebook evenly spaced in +-1/sqrt(in_features), random
+        indices (drawn from the global RNG), bias uniform in the same range."""
+        bound = 1.0 / math.sqrt(self.in_features) if self.in_features > 0 else 0.0
+        with torch.no_grad():
+            self.codebook.copy_(torch.linspace(-bound, bound, self.num_clusters))
+            if self.zero_pinned:
+                self.codebook[0] = 0.0
+            labels = torch.randint(0, self.num_clusters, (self.out_features, self.in_features),
+                                   device=self.indices.device)
+            self.indices.copy_(encode_indices(labels, self.num_clusters))
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    # ---- decoding -------------------------------------------------------------------
+    @property
+    def bits(self) -> int:
+        """Bits per stored index (4 packed, or 8)."""
+        return index_bits(self.num_clusters)
+
+    @property
+    def packed(self) -> bool:
+        return self.num_clusters <= PACKED_MAX_CLUSTERS
+
+    def effective_codebook(self) -> torch.Tensor:
+        """The codebook the layer computes with: ``[0, codebook[1:]]`` when zero_pinned."""
+        if self.zero_pinned:
+            return F.pad(self.codebook[1:], (1, 0))
+        return self.codebook
+
+    def labels(self) -> torch.Tensor:
+        """Unpacked indices [out, in] (uint8)."""
+        if self.packed:
+            return unpack_int4(self.indices, self.in_features)
+        return self.indices
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Decoded weight ``codebook[indices]`` [out, in] (read-only; a fresh tensor)."""
+        return self.effective_codebook()[self.labels().long()]
+
+    # ---- conversion -----------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Module, num_clusters: int = 16, init: str = "linear",
+                   mask: torch.Tensor | None = None, seed: int = 0, max_iter: int = 300) -> "CodebookLinear":
+        """k-means the weights of ``linear`` (an nn.Linear or a MaskedSparseLinear) into
+        ``num_clusters`` shared values.
+
+        With a mask (the ``mask`` argument, or the layer's own mask for a MaskedSparseLinear;
+        both given: their intersection) the layer is ``zero_pinned``: the pruned positions
+        index codebook[0] == 0.0 and stay exactly zero, and the other ``num_clusters - 1``
+        centroids are fitted to the kept weights only (so ``num_clusters`` must be >= 2).
+        Without a mask every weight, zeros included, is clustered into ``num_clusters``.
+        ``init``: "linear" | "density" | "kmeans++" | "random" (see torchslim.kmeans);
+        ``seed`` makes the random inits reproducible. The relative reconstruction error
+        ||W - W_shared|| / ||W|| is kept in ``reconstruction_error``.
+        """
+        weight, bias, eff_mask = _dense_parts(linear, mask)
+        _check_num_clusters(num_clusters)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(repr(i) for i in INITS)}, got {init!r}")
+        pinned = eff_mask is not None
+        if pinned and num_clusters < 2:
+            raise ValueError("num_clusters must be >= 2 for a pruned layer (codebook[0] is the pinned zero)")
+        kept = weight[eff_mask] if pinned else weight.reshape(-1)
+        free = num_clusters - 1 if pinned else num_clusters
+        if kept.numel() > 0:
+            centroids = kmeans_1d(kept, free, init=init, seed=seed, max_iter=max_iter, return_labels=False).centroids
+        else:
+            centroids = torch.zeros(free, dtype=torch.float64)
+        layer = cls._uninitialized(linear.in_features, linear.out_features, num_clusters, bias is not None,
+                                   pinned, weight.device, weight.dtype)
+        codebook = torch.cat([torch.zeros(1, dtype=torch.float64), centroids]) if pinned else centroids
+        with torch.no_grad():
+            layer.codebook.copy_(codebook.to(layer.codebook))
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.assign_indices(weight, eff_mask)
+        return layer
+
+    @torch.no_grad()
+    def assign_indices(self, weight: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Set ``indices`` to each weight's nearest codebook entry (codebook[1:] when
+        zero_pinned, with masked-out positions -> 0), and record ``reconstruction_error``."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight must have shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}")
+        w = weight.detach().to(self.codebook.device)
+        if self.zero_pinned:
+            centroids = self.codebook.detach()[1:]
+            labels = assign(w, centroids) + 1 if centroids.numel() else torch.ones_like(w, dtype=torch.long)
+            if mask is not None:
+                labels = labels.masked_fill(~mask.to(device=w.device, dtype=torch.bool), 0)
+            target = w if mask is None else w * mask.to(device=w.device, dtype=w.dtype)
+        else:
+            labels = assign(w, self.codebook.detach())
+            target = w
+        self.indices.copy_(encode_indices(labels, self.num_clusters).to(self.indices.device))
+        err = float(torch.linalg.vector_norm(self.weight.detach() - target, dtype=torch.float64))
+        norm = float(torch.linalg.vector_norm(target, dtype=torch.float64))
+        self.reconstruction_error = err / norm if norm > 0 else err
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear holding the decoded weight and the bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.codebook.device, dtype=self.codebook.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return codebook_linear(input, self.indices, self.effective_codebook(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"K={self.num_clusters}, bits={self.bits}, zero_pinned={self.zero_pinned}")
+
+
+def _dense_parts(linear: nn.Module, mask):
+    """(weight, bias, mask or None) of an nn.Linear or MaskedSparseLinear."""
+    from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
+
+    if isinstance(linear, MaskedSparseLinear):
+        own = linear.mask
+    elif isinstance(linear, nn.Linear):
+        own = None
+    else:
+        raise TypeError(f"from_dense expects an nn.Linear or MaskedSparseLinear, got {type(linear).__name__}")
+    weight = linear.weight.detach()
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != tuple(weight.shape):
+            raise ValueError(f"mask must have shape {tuple(weight.shape)} (out_features, in_features), got {tuple(mask.shape)}")
+        mask = mask.to(device=weight.device) != 0
+        own = mask if own is None else (own & mask)
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if own is not None:
+        own = own.to(device=weight.device, dtype=torch.bool)
+        weight = weight * own.to(weight.dtype)
+    return weight, bias, own

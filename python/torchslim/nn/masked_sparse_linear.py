@@ -1,10 +1,79 @@
 """MaskedSparseLinear: an nn.Linear whose weight is multiplied by a fixed boolean mask."""
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from torchslim.ops import masked_linear
+
+_ops = torch.ops.torchslim
+
+# Dense fallback rule (see the class docstring): the sparse kernels are used when
+# density <= SPARSE_MAX_DENSITY_BATCH1 at batch 1 and density <= SPARSE_MAX_DENSITY above.
+SPARSE_MAX_DENSITY_BATCH1 = 0.5
+SPARSE_MAX_DENSITY = 0.3
+
+# One lock for every layer: rebuilds are rare (a mask or weight change), reads take no lock.
+_REBUILD_LOCK = threading.Lock()
+_CACHE_SLOTS = ("_st", "_pk", "_pkt", "_dw")
+
+
+class _Structure:
+    """CSR of the mask by rows (forward, grad_weight) and by columns (grad_input)."""
+
+    __slots__ = ("mask", "version", "ptr", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "nnz", "density",
+                 "sparse_b1", "sparse_bn")
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+        self.version = mask._version
+        self.ptr = mask.data_ptr()
+        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
+        self.nnz = int(self.col_idx.shape[0])
+        self.density = self.nnz / mask.numel() if mask.numel() else 0.0
+        self.sparse_b1 = self.density <= SPARSE_MAX_DENSITY_BATCH1
+        self.sparse_bn = self.density <= SPARSE_MAX_DENSITY
+
+
+class _Packed:
+    """A copy derived from the weight (packed kept values, or the masked dense weight),
+    valid while the weight's version, storage and the structure are unchanged."""
+
+    __slots__ = ("st", "weight", "version", "ptr", "data")
+
+    def __init__(self, st, weight, data):
+        self.st = st
+        self.weight = weight
+        self.version = weight._version
+        self.ptr = weight.data_ptr()
+        self.data = data
+
+
+class _MaskedSparseFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, weight, bias, values, st):
+        ctx.st = st
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight)
+        return _ops._masked_spmm(input, values, st.row_ptr, st.col_idx, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, weight = ctx.saved_tensors
+        st = ctx.st
+        grad_input = grad_weight = grad_bias = None
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_input or need_weight:
+            gi, gw = _ops._masked_backward(grad, input, weight, st.row_ptr, st.col_idx, st.t_row_ptr, st.t_col_idx,
+                                           need_input, need_weight)
+            grad_input = gi if need_input else None
+            grad_weight = gw if need_weight else None
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_input, grad_weight, grad_bias, None, None
 
 
 class MaskedSparseLinear(nn.Module):
@@ -12,6 +81,25 @@ class MaskedSparseLinear(nn.Module):
 
     ``weight`` keeps its dense shape (optimizers and DDP work unchanged; its gradient is
     exactly zero where ``mask`` is False); ``mask`` is a bool buffer saved in the state_dict.
+
+    Execution. The sparse structure (CSR of the mask by rows, for the forward and the
+    weight gradient, and by columns, for the input gradient; int16 indices when the
+    dimension allows) is built once and cached; it is rebuilt only when the mask changes
+    (``set_mask``, an in-place edit — seen through ``mask._version`` —, ``.to()``,
+    ``load_state_dict``). Inference reads a packed copy of the kept weights (float32, or
+    float64 for float64 layers), refreshed when the weight's version changes (after an
+    optimizer step), never the dense weight. Training uses sparse kernels for the forward,
+    the input gradient and the weight gradient (a sampled dense-dense product computed
+    only at kept positions). Rebuilds take a lock and swap the finished cache in, so several
+    threads may call one layer concurrently.
+
+    Dense fallback. When the sparse kernels would be slower the layer runs
+    ``F.linear(x, where(mask, weight, 0), bias)`` instead (the masked dense weight is cached
+    for inference). Rule, measured on a 2-core AMD EPYC (Zen 4, AVX-512), float32, shapes
+    784x300 to 4096x4096: sparse when ``density <= 0.5`` at batch 1 and
+    ``density <= 0.3`` for larger batches; dense otherwise.
+    ``layer.density`` gives the kept fraction and ``layer.last_path`` the path taken by the
+    last forward ("sparse" or "dense").
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None):
@@ -27,6 +115,9 @@ class MaskedSparseLinear(nn.Module):
             self.weight.copy_(ref.weight)
             if bias:
                 self.bias.copy_(ref.bias)
+        self._clear_caches()
+
+    # ------------------------------------------------------------ construction and mask
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> "MaskedSparseLinear":
@@ -53,19 +144,100 @@ class MaskedSparseLinear(nn.Module):
 
     @property
     def density(self) -> float:
+        st = self.__dict__.get("_st")
+        if st is not None and self._structure_valid(st, self.mask):
+            return st.density
         return float(self.mask.sum().item()) / max(self.mask.numel(), 1)
+
+    @property
+    def last_path(self) -> str | None:
+        """The path the last forward took: "sparse" or "dense" (None before any forward)."""
+        return self.__dict__.get("_last_path")
 
     def to_dense(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         with torch.no_grad():
-            linear.weight.copy_(self.weight * self.mask)
+            linear.weight.copy_(torch.where(self.mask, self.weight, torch.zeros((), dtype=self.weight.dtype,
+                                                                                device=self.weight.device)))
             if self.bias is not None:
                 linear.bias.copy_(self.bias)
         return linear
 
+    # ------------------------------------------------------------ caches
+
+    def _clear_caches(self) -> None:
+        d = self.__dict__
+        for slot in _CACHE_SLOTS:
+            d[slot] = None
+
+    @staticmethod
+    def _structure_valid(st: _Structure, mask: torch.Tensor) -> bool:
+        return st.mask is mask and st.version == mask._version and st.ptr == mask.data_ptr()
+
+    def _structure(self, mask: torch.Tensor) -> _Structure:
+        with _REBUILD_LOCK:
+            st = self.__dict__["_st"]
+            if st is None or not self._structure_valid(st, mask):
+                st = _Structure(mask)
+                self.__dict__["_st"] = st
+            return st
+
+    def _packed(self, slot: str, st: _Structure, weight: torch.Tensor) -> torch.Tensor:
+        with _REBUILD_LOCK:
+            pk = self.__dict__[slot]
+            if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
+                    or pk.ptr != weight.data_ptr()):
+                with torch.no_grad():
+                    if slot == "_pk":
+                        data = _ops._masked_gather(weight, st.row_ptr, st.col_idx, False)
+                    else:  # "_dw": the masked dense weight for the dense inference path
+                        data = torch.where(st.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+                pk = _Packed(st, weight, data)
+                self.__dict__[slot] = pk
+            return pk.data
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for slot in _CACHE_SLOTS:
+            state[slot] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for slot in _CACHE_SLOTS:
+            self.__dict__.setdefault(slot, None)
+
+    # ------------------------------------------------------------ forward
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return masked_linear(input, self.weight, self.mask, self.bias)
+        weight, mask, bias = self.weight, self.mask, self.bias
+        if (torch.compiler.is_compiling() or not isinstance(input, torch.Tensor) or input.dtype != weight.dtype
+                or input.shape[-1] != self.in_features):
+            # Traced graphs and bad arguments go through the functional op (checks, clear errors).
+            return masked_linear(input, weight, mask, bias)
+        d = self.__dict__
+        st = d["_st"]
+        if st is None or st.mask is not mask or st.version != mask._version or st.ptr != mask.data_ptr():
+            st = self._structure(mask)
+        sparse = st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn
+        grad = torch.is_grad_enabled() and (weight.requires_grad or input.requires_grad
+                                            or (bias is not None and bias.requires_grad))
+        if sparse:
+            d["_last_path"] = "sparse"
+            pk = d["_pk"]
+            if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
+                    or pk.ptr != weight.data_ptr()):
+                values = self._packed("_pk", st, weight)
+            else:
+                values = pk.data
+            if grad:
+                return _MaskedSparseFn.apply(input, weight, bias, values, st)
+            return _ops._masked_spmm(input, values, st.row_ptr, st.col_idx, bias)
+        d["_last_path"] = "dense"
+        if grad:
+            return F.linear(input, torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), bias)
+        return F.linear(input, self._packed("_dw", st, weight), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, density={self.density:.4f}"

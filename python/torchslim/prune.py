@@ -1,0 +1,727 @@
+"""Pruning workflow: unstructured magnitude pruning (one-shot, gradual, iterative), L1
+regularisation, structured neuron removal and sparsity reports.
+
+Unstructured pruning turns ``nn.Linear`` layers into :class:`torchslim.nn.MaskedSparseLinear`
+(the same ``weight`` and ``bias`` Parameter objects, plus a boolean ``mask`` buffer), so an
+optimizer or DDP wrapper built before the conversion keeps working. Structured pruning
+(:func:`prune_neurons`) returns a new, physically smaller dense model.
+
+Saving and loading a pruned model
+---------------------------------
+Masks are buffers, so ``model.state_dict()`` holds ``<layer>.weight``, ``<layer>.bias`` and
+``<layer>.mask``. To load such a state_dict, rebuild the architecture, convert the same
+layers (any sparsity: the loaded masks replace the ones computed here), then load::
+
+    model = Net()
+    magnitude_prune(model, 0.0)          # same ``include`` as when it was pruned
+    model.load_state_dict(torch.load("pruned.pt"))
+
+``layer.to_dense()`` gives back an ``nn.Linear`` holding zeros at the pruned positions.
+
+Determinism (DDP)
+-----------------
+Masks are a pure function of the weights: weights are ranked by ``|w|`` with a stable sort,
+ties broken by layer order then row-major position, without any randomness. Ranks holding
+identical weights (as DDP keeps them) therefore compute identical masks. Build the pruner
+(which converts the layers) before wrapping the model in DDP, so the mask buffers exist
+when DDP registers the module.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
+
+__all__ = [
+    "magnitude_prune",
+    "GradualPruner",
+    "iterative_prune",
+    "l1_penalty",
+    "prune_neurons",
+    "sparsity_report",
+    "SparsityReport",
+    "LayerSparsity",
+]
+
+_LINEAR_TYPES = (nn.Linear, MaskedSparseLinear)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_fraction(value, name: str) -> float:
+    """A float in [0, 1); ValueError/TypeError naming ``name`` otherwise."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in [0, 1), got {type(value).__name__} {value!r}")
+    value = float(value)
+    if math.isnan(value) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def _check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_scope(scope) -> str:
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    return scope
+
+
+def _select_linears(model: nn.Module, include) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the nn.Linear / MaskedSparseLinear layers ``include`` selects, in
+    module order (each module once, under its first name)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)]
+    if include is None:
+        selected = linears
+    elif callable(include):
+        selected = [(n, m) for n, m in linears if include(n, m)]
+        if linears and not selected:
+            raise ValueError("include: the callable selected none of the model's Linear layers "
+                             f"({', '.join(repr(n) for n, _ in linears)})")
+    else:
+        names = [include] if isinstance(include, str) else include
+        try:
+            names = list(names)
+        except TypeError:
+            raise TypeError(f"include must be None, a module name, a list of module names or a callable "
+                            f"(name, module) -> bool, got {type(include).__name__}") from None
+        modules = dict(model.named_modules())
+        wanted = set()
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"include: module names must be str, got {type(name).__name__} {name!r}")
+            if name not in modules:
+                raise ValueError(f"include: the model has no module named {name!r}")
+            if not isinstance(modules[name], _LINEAR_TYPES):
+                raise ValueError(f"include: module {name!r} is a {type(modules[name]).__name__}, "
+                                 "not an nn.Linear or MaskedSparseLinear")
+            wanted.add(id(modules[name]))
+        if not names:
+            raise ValueError("include: the list of module names is empty")
+        selected = [(n, m) for n, m in linears if id(m) in wanted]
+    if not linears:
+        raise ValueError(f"model: {type(model).__name__} has no nn.Linear layer to prune")
+    return selected
+
+
+def _check_finite_weights(layers: Iterable[tuple[str, nn.Module]]) -> None:
+    for name, module in layers:
+        w = module.weight.detach()
+        if isinstance(module, MaskedSparseLinear):  # masked-out entries never reach the output
+            w = w[module.mask]
+        if torch.isnan(w).any():
+            raise ValueError(f"model: the weight of layer {name!r} contains NaN")
+
+
+def _set_submodule(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Replace every registration of ``old`` in ``model`` (a module may be registered under
+    several names) by ``new``."""
+    for parent in model.modules():
+        for child_name, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[child_name] = new
+
+
+def _to_masked(linear: nn.Linear) -> MaskedSparseLinear:
+    """An all-kept MaskedSparseLinear sharing ``linear``'s weight and bias Parameters."""
+    w = linear.weight
+    devices = [w.device.index or 0] if w.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # the throw-away init must not move the user's RNG
+        layer = MaskedSparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                   device=w.device, dtype=w.dtype)
+    layer.weight = linear.weight
+    if linear.bias is not None:
+        layer.bias = linear.bias
+    layer.set_mask(torch.ones(linear.out_features, linear.in_features, dtype=torch.bool, device=w.device))
+    layer.train(linear.training)
+    return layer
+
+
+def _convert(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, MaskedSparseLinear]]:
+    out = []
+    for name, module in layers:
+        if not isinstance(module, MaskedSparseLinear):
+            new = _to_masked(module)
+            _set_submodule(model, module, new)
+            module = new
+        out.append((name, module))
+    return out
+
+
+# --------------------------------------------------------------------------- magnitude pruning
+
+
+def _score_dtype(layers) -> torch.dtype:
+    return torch.float64 if any(m.weight.dtype == torch.float64 for _, m in layers) else torch.float32
+
+
+def _prune_group(layers: list[tuple[str, MaskedSparseLinear]], sparsity: float) -> None:
+    """Mask the round(sparsity * n) smallest |w| over all ``layers`` together (n = their
+    weight count), keeping every already-pruned weight pruned."""
+    if not layers:
+        return
+    device = layers[0][1].weight.device
+    dtype = _score_dtype(layers)
+    scores, masks = [], []
+    for _, m in layers:
+        mask = m.mask.detach().reshape(-1).to(device)
+        score = m.weight.detach().reshape(-1).to(device=device, dtype=dtype).abs()
+        # Already pruned weights rank first, so they are always among the k removed ones.
+        scores.append(torch.where(mask, score, torch.full_like(score, -math.inf)))
+        masks.append(mask)
+    score = torch.cat(scores)
+    n = score.numel()
+    k = int(round(sparsity * n))
+    keep = torch.ones(n, dtype=torch.bool, device=device)
+    if k > 0:
+        order = torch.sort(score, stable=True).indices  # stable: ties go to the lower position
+        keep[order[:k]] = False
+    keep &= torch.cat(masks)  # never revive
+    offset = 0
+    for _, m in layers:
+        numel = m.weight.numel()
+        new_mask = keep[offset:offset + numel].view_as(m.mask).to(m.mask.device)
+        offset += numel
+        m.set_mask(new_mask)
+        with torch.no_grad():
+            m.weight.masked_fill_(~m.mask, 0)
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", include=None) -> nn.Module:
+    """Prune the smallest-magnitude weights of the model's Linear layers, in place.
+
+    Every selected ``nn.Linear`` becomes a ``MaskedSparseLinear`` (sharing its weight and bias
+    Parameters). Then ``k = round(sparsity * n)`` weights are masked: the smallest ``|w|`` of
+    each layer (``scope="layer"``, n = the layer's weight count) or of all selected layers
+    together (``scope="global"``, n = their total). Weights already masked count towards k
+    and stay masked (a higher sparsity prunes further, a lower one changes nothing); ties
+    are broken by layer order then row-major position; biases are never pruned. Pruned
+    weights are also set to 0 in ``weight``.
+
+    Args:
+        model: any nn.Module holding nn.Linear / MaskedSparseLinear layers.
+        sparsity: target fraction of pruned weights, in [0, 1).
+        scope: "global" or "layer".
+        include: None (every Linear), a module name or list of module names, or a callable
+            ``(name, module) -> bool`` choosing among the Linear layers.
+
+    Returns:
+        ``model`` (modified in place).
+    """
+    _check_model(model)
+    sparsity = _check_fraction(sparsity, "sparsity")
+    scope = _check_scope(scope)
+    layers = _select_linears(model, include)
+    _check_finite_weights(layers)
+    layers = _convert(model, layers)
+    if scope == "global":
+        _prune_group(layers, sparsity)
+    else:
+        for item in layers:
+            _prune_group([item], sparsity)
+    return model
+
+
+class GradualPruner:
+    """Zhu & Gupta (2017) gradual magnitude pruning.
+
+    Call :meth:`step` once per optimizer step. With ``t`` the number of ``step()`` calls so
+    far, the target sparsity is 0 before ``start_step``, then
+    ``s_t = s_f + (s_i - s_f) * (1 - (t' - t0) / (t_end - t0))**3`` where ``t'`` is ``t``
+    rounded down to the last pruning step (``t0 + j * frequency``), and ``s_f`` from
+    ``end_step`` on. Whenever the target changes the masks are recomputed with
+    :func:`magnitude_prune` (never reviving a weight). The selected layers are converted to
+    ``MaskedSparseLinear`` when the pruner is built (and pruned to ``s_i`` if
+    ``start_step == 0``).
+    """
+
+    def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int,
+                 frequency: int = 1, initial_sparsity: float = 0.0, scope: str = "global", include=None):
+        _check_model(model)
+        self.final_sparsity = _check_fraction(final_sparsity, "final_sparsity")
+        self.initial_sparsity = _check_fraction(initial_sparsity, "initial_sparsity")
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(f"initial_sparsity ({self.initial_sparsity}) must not exceed final_sparsity "
+                             f"({self.final_sparsity}): pruned weights are never revived")
+        self.start_step = _check_int(start_step, "start_step", 0)
+        self.end_step = _check_int(end_step, "end_step", 0)
+        if self.end_step < self.start_step:
+            raise ValueError(f"end_step ({self.end_step}) must be >= start_step ({self.start_step})")
+        self.frequency = _check_int(frequency, "frequency", 1)
+        self.scope = _check_scope(scope)
+        self.include = include
+        self.model = model
+        layers = _select_linears(model, include)
+        _check_finite_weights(layers)
+        _convert(model, layers)
+        # After conversion the layers are selected by identity (names may shift under wrappers).
+        self._layer_ids = {id(m) for _, m in _select_linears(model, include)}
+        self.step_count = 0
+        self._applied = None
+        self._apply()
+
+    def sparsity_at(self, step: int) -> float:
+        """The schedule's target sparsity after ``step`` calls of :meth:`step`."""
+        t = int(step)
+        if t < self.start_step:
+            return 0.0
+        if t >= self.end_step:
+            return self.final_sparsity
+        t = self.start_step + (t - self.start_step) // self.frequency * self.frequency
+        progress = (t - self.start_step) / (self.end_step - self.start_step)
+        return self.final_sparsity + (self.initial_sparsity - self.final_sparsity) * (1.0 - progress) ** 3
+
+    @property
+    def sparsity(self) -> float:
+        """The current target sparsity."""
+        return self.sparsity_at(self.step_count)
+
+    def _apply(self) -> None:
+        target = self.sparsity
+        if target != self._applied:
+            include = lambda name, module: id(module) in self._layer_ids  # noqa: E731
+            magnitude_prune(self.model, target, scope=self.scope, include=include)
+            self._applied = target
+
+    def step(self) -> float:
+        """Advance one optimizer step; re-prune when the schedule says so. Returns the target."""
+        self.step_count += 1
+        self._apply()
+        return self.sparsity
+
+    def state_dict(self) -> dict:
+        return {"step_count": self.step_count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = _check_int(state["step_count"], "state['step_count']", 0)
+        self._applied = None
+        self._apply()
+
+
+def iterative_prune(model: nn.Module, sparsities: Sequence[float], train_fn: Callable[[nn.Module], object],
+                    scope: str = "global", include=None) -> list:
+    """Han et al. (2015) prune -> retrain loop: for each sparsity (non-decreasing), prune with
+    :func:`magnitude_prune`, then call ``train_fn(model)`` (which fine-tunes the surviving
+    weights; masked weights get zero gradient). Returns the list of ``train_fn`` results."""
+    _check_model(model)
+    if not callable(train_fn):
+        raise TypeError(f"train_fn must be callable(model), got {type(train_fn).__name__}")
+    values = [_check_fraction(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
+    if not values:
+        raise ValueError("sparsities must hold at least one value")
+    for i in range(1, len(values)):
+        if values[i] < values[i - 1]:
+            raise ValueError(f"sparsities must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}")
+    results = []
+    for s in values:
+        magnitude_prune(model, s, scope=scope, include=include)
+        results.append(train_fn(model))
+    return results
+
+
+def l1_penalty(model: nn.Module, include=None) -> torch.Tensor:
+    """Differentiable ``sum |w|`` over the (kept) weights of the model's Linear layers
+    (dense ``nn.Linear`` and ``MaskedSparseLinear``; masked weights do not count). Add
+    ``lam * l1_penalty(model)`` to the loss for L1 regularisation."""
+    _check_model(model)
+    layers = _select_linears(model, include)
+    if not layers:
+        raise ValueError("include: selected no Linear layer")
+    device = layers[0][1].weight.device
+    total = None
+    for _, m in layers:
+        w = m.weight
+        if isinstance(m, MaskedSparseLinear):
+            w = w * m.mask.to(w.dtype)
+        term = w.abs().sum().to(device)
+        total = term if total is None else total + term
+    return total
+
+
+# --------------------------------------------------------------------------- reports
+
+
+@dataclass
+class LayerSparsity:
+    name: str
+    kind: str
+    shape: tuple
+    weights: int
+    kept: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.weights if self.weights else 0.0
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "kind": self.kind, "shape": list(self.shape), "weights": self.weights,
+                "kept": self.kept, "sparsity": self.sparsity}
+
+
+@dataclass
+class SparsityReport:
+    layers: list = field(default_factory=list)
+
+    @property
+    def weights(self) -> int:
+        return sum(layer.weights for layer in self.layers)
+
+    @property
+    def kept(self) -> int:
+        return sum(layer.kept for layer in self.layers)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.kept / self.weights if self.weights else 0.0
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            for layer in self.layers:
+                if layer.name == key:
+                    return layer
+            raise KeyError(key)
+        return self.layers[key]
+
+    def to_dict(self) -> dict:
+        return {"layers": [layer.to_dict() for layer in self.layers],
+                "total": {"weights": self.weights, "kept": self.kept, "sparsity": self.sparsity}}
+
+    def to_markdown(self) -> str:
+        lines = ["| layer | type | shape | weights | kept | sparsity |", "|---|---|---|---:|---:|---:|"]
+        for layer in self.layers:
+            shape = "x".join(str(s) for s in layer.shape)
+            lines.append(f"| {layer.name} | {layer.kind} | {shape} | {layer.weights} | {layer.kept} | "
+                         f"{100 * layer.sparsity:.2f}% |")
+        lines.append(f"| **total** | | | {self.weights} | {self.kept} | {100 * self.sparsity:.2f}% |")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_markdown()
+
+
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Per Linear-like layer (nn.Linear, MaskedSparseLinear, CodebookLinear) and in total:
+    weight count, kept weights (mask entries for MaskedSparseLinear, non-zeros otherwise)
+    and sparsity."""
+    _check_model(model)
+    report = SparsityReport()
+    for name, m in model.named_modules():
+        if isinstance(m, MaskedSparseLinear):
+            kept = int(m.mask.sum().item())
+            shape = tuple(m.mask.shape)
+        elif isinstance(m, nn.Linear) or type(m).__name__ == "CodebookLinear":
+            w = m.weight.detach()
+            kept = int((w != 0).sum().item())
+            shape = tuple(w.shape)
+        else:
+            continue
+        weights = int(math.prod(shape))
+        report.layers.append(LayerSparsity(name or "(model)", type(m).__name__, shape, weights, kept))
+    return report
+
+
+# --------------------------------------------------------------------------- structured pruning
+
+_ELEMENTWISE_MODULES = tuple(getattr(nn, n) for n in (
+    "ReLU", "ReLU6", "LeakyReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Sigmoid", "Tanh",
+    "Hardtanh", "Hardswish", "Hardsigmoid", "Softplus", "Softsign", "Tanhshrink", "LogSigmoid",
+    "Hardshrink", "Softshrink", "Threshold", "Identity", "Dropout", "AlphaDropout") if hasattr(nn, n))
+
+_F = torch.nn.functional
+_ELEMENTWISE_FUNCTIONS = {f for f in (
+    torch.relu, torch.relu_, _F.relu, _F.relu6, _F.leaky_relu, _F.elu, _F.selu, _F.celu, _F.gelu, _F.silu,
+    _F.mish, _F.softplus, _F.softsign, _F.hardtanh, _F.hardswish, _F.hardsigmoid, _F.sigmoid, _F.tanh,
+    _F.logsigmoid, _F.tanhshrink, _F.hardshrink, _F.softshrink, _F.threshold, _F.dropout, _F.alpha_dropout,
+    torch.sigmoid, torch.tanh, torch.abs, torch.neg, torch.exp, torch.square, torch.clamp, torch.clip,
+    operator.neg, operator.pos, operator.abs) if f is not None}
+# Binary arithmetic is element-wise when every other operand is a Python number.
+_SCALAR_ARITH = {operator.add, operator.sub, operator.mul, operator.truediv, operator.pow,
+                 torch.add, torch.sub, torch.mul, torch.div}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "tanh", "abs", "neg", "exp", "square", "clamp", "clip",
+                        "contiguous", "clone", "add", "sub", "mul", "div", "pow", "__add__", "__mul__"}
+
+
+def _node_inputs(node) -> list:
+    from torch.fx.node import map_arg
+
+    found = []
+    map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return found
+
+
+def _only_input_is(node, cur) -> bool:
+    inputs = _node_inputs(node)
+    return bool(inputs) and all(n is cur for n in inputs)
+
+
+def _describe(node, modules) -> str:
+    if node.op == "call_module":
+        return f"module {node.target!r} ({type(modules[node.target]).__name__})"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return f"{node.op} {node.target}"
+
+
+def _has_parameters_downstream(start, modules) -> bool:
+    """Whether any node fed (transitively) by ``start`` holds or takes parameters."""
+    seen, stack = set(), [start]
+    while stack:
+        node = stack.pop()
+        for user in node.users:
+            if user in seen:
+                continue
+            seen.add(user)
+            if user.op == "call_module":
+                m = modules[user.target]
+                if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
+                    return True
+            if any(n.op == "get_attr" for n in _node_inputs(user)):
+                return True
+            stack.append(user)
+    return False
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, MaskedSparseLinear) or type(m).__name__ == "CodebookLinear":
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@dataclass
+class _Chain:
+    producer: str
+    between: list  # module names of BatchNorm1d / PReLU to slice
+    consumer: str
+
+
+def _find_chains(model: nn.Module) -> list[_Chain]:
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, NotImplementedError ...)
+        raise ValueError(f"model: prune_neurons needs an nn.Sequential or a model torch.fx can trace; tracing "
+                         f"{type(model).__name__} failed: {type(exc).__name__}: {exc}") from exc
+    modules = dict(model.named_modules())
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+
+    def is_linear(node):
+        return node.op == "call_module" and isinstance(modules[node.target], _LINEAR_TYPES)
+
+    chains = []
+    for node in graph.nodes:
+        if not is_linear(node):
+            continue
+        name = node.target
+        width = modules[name].out_features
+        cur, between, blocker = node, [], None
+        while True:
+            users = list(cur.users)
+            if not users:
+                blocker = "its output is unused"
+                break
+            if len(users) > 1:
+                blocker = "its output feeds several consumers (" + ", ".join(_describe(u, modules) for u in users) + ")"
+                break
+            user = users[0]
+            if user.op == "output":
+                break
+            if user.op in ("call_module", "call_function", "call_method") and not _only_input_is(user, cur):
+                blocker = f"it meets {_describe(user, modules)}, which combines it with other tensors"
+                break
+            if user.op == "call_module":
+                m = modules[user.target]
+                if isinstance(m, _LINEAR_TYPES):
+                    if m.in_features != width:
+                        blocker = f"next layer {user.target!r} expects {m.in_features} inputs, not {width}"
+                        break
+                    chains.append(_Chain(name, between, user.target))
+                    break
+                if isinstance(m, nn.BatchNorm1d) and m.num_features == width:
+                    between.append(user.target)
+                elif isinstance(m, nn.PReLU) and m.num_parameters in (1, width):
+                    if m.num_parameters > 1:
+                        between.append(user.target)
+                elif isinstance(m, _ELEMENTWISE_MODULES):
+                    pass
+                else:
+                    blocker = f"it meets {_describe(user, modules)}, which is not element-wise"
+                    break
+            elif user.op == "call_function":
+                if user.target in _ELEMENTWISE_FUNCTIONS:
+                    pass
+                elif user.target in _SCALAR_ARITH:
+                    others = [a for a in list(user.args) + list(user.kwargs.values()) if a is not cur]
+                    if not all(isinstance(a, numbers.Number) for a in others):
+                        blocker = f"it meets {_describe(user, modules)} with a non-scalar operand"
+                        break
+                else:
+                    blocker = f"it meets {_describe(user, modules)}, which is not a supported element-wise op"
+                    break
+            elif user.op == "call_method":
+                others = [a for a in list(user.args[1:]) + list(user.kwargs.values())]
+                if user.target in _ELEMENTWISE_METHODS and user.args and user.args[0] is cur and \
+                        all(isinstance(a, numbers.Number) for a in others):
+                    pass
+                else:
+                    blocker = f"it meets {_describe(user, modules)}, which is not a supported element-wise op"
+                    break
+            else:
+                blocker = f"it meets {_describe(user, modules)}"
+                break
+            cur = user
+        if blocker is not None and _has_parameters_downstream(node, modules):
+            raise ValueError(f"prune_neurons cannot follow the output of layer {name!r}: {blocker}. Only "
+                             "Linear -> element-wise ops / Dropout / BatchNorm1d -> Linear chains can shrink "
+                             "(no residual add, concatenation, reshape/view/flatten or shared use in between)")
+
+    # A module used in several places, or sharing parameters with another, cannot be cut alone.
+    param_owners: dict[int, set] = {}
+    for mod_name, m in model.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            param_owners.setdefault(id(p), set()).add(id(m))
+    for chain in chains:
+        for mod_name in [chain.producer, *chain.between, chain.consumer]:
+            if calls.get(mod_name, 0) > 1:
+                raise ValueError(f"prune_neurons cannot shrink layer {mod_name!r}: the module is called "
+                                 f"{calls[mod_name]} times in forward (shared layer)")
+            for p in modules[mod_name].parameters(recurse=False):
+                if len(param_owners[id(p)]) > 1:
+                    raise ValueError(f"prune_neurons cannot shrink layer {mod_name!r}: its parameters are shared "
+                                     "with another module (weight tying)")
+    return chains
+
+
+def _row_norms(layer: nn.Module, criterion: str) -> torch.Tensor:
+    w = layer.weight.detach()
+    if isinstance(layer, MaskedSparseLinear):
+        w = w * layer.mask.to(w.dtype)
+    w = w.to(torch.float64)
+    return w.abs().sum(dim=1) if criterion == "l1" else w.pow(2).sum(dim=1).sqrt()
+
+
+def _kept_neurons(scores: torch.Tensor, amount: float) -> torch.Tensor:
+    n = scores.numel()
+    remove = min(int(round(amount * n)), n - 1)
+    order = torch.sort(scores, stable=True).indices
+    return torch.sort(order[remove:]).values
+
+
+def _slice_linear(layer: nn.Module, rows, cols) -> nn.Module:
+    w = layer.weight.detach()
+    mask = layer.mask if isinstance(layer, MaskedSparseLinear) else None
+    if rows is not None:
+        w = w[rows.to(w.device)]
+        mask = mask[rows.to(mask.device)] if mask is not None else None
+    if cols is not None:
+        w = w[:, cols.to(w.device)]
+        mask = mask[:, cols.to(mask.device)] if mask is not None else None
+    out_f, in_f = w.shape
+    has_bias = layer.bias is not None
+    new = nn.Linear(in_f, out_f, bias=has_bias, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if has_bias:
+            b = layer.bias.detach()
+            new.bias.copy_(b[rows.to(b.device)] if rows is not None else b)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    if has_bias:
+        new.bias.requires_grad_(layer.bias.requires_grad)
+    if mask is not None:
+        new = MaskedSparseLinear.from_dense(new, mask=mask)
+    new.train(layer.training)
+    return new
+
+
+def _slice_features(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    new = copy.deepcopy(module)
+    with torch.no_grad():
+        for pname, p in list(module.named_parameters(recurse=False)):
+            setattr(new, pname, nn.Parameter(p.detach()[keep.to(p.device)].clone(), requires_grad=p.requires_grad))
+        for bname, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.dim() == 1 and b.numel() > 1:
+                setattr(new, bname, b[keep.to(b.device)].clone())
+    if isinstance(new, nn.BatchNorm1d):
+        new.num_features = int(keep.numel())
+    if isinstance(new, nn.PReLU):
+        new.num_parameters = int(keep.numel())
+    return new
+
+
+def prune_neurons(model: nn.Module, amount: float, criterion: str = "l1") -> nn.Module:
+    """Structured pruning: remove the ``amount`` fraction of hidden neurons of every
+    Linear -> (element-wise activation / Dropout / BatchNorm1d)* -> Linear chain.
+
+    The neurons with the smallest incoming-weight norm (``criterion`` "l1" or "l2" over
+    the producer's weight rows; ties to the lower index) lose their row in the producer
+    Linear, their entry in BatchNorm1d / PReLU in between and their column in the consumer
+    Linear; at least one neuron per layer is kept. The model's input and output widths never
+    change. Works on nn.Sequential (nested too) and on models ``torch.fx`` can trace; a layer
+    whose output is combined with other tensors (residual add, concatenation), reshaped,
+    fed to several consumers, used twice or tied to another layer raises ValueError naming
+    it. BatchNorm1d is assumed to see (batch, features) input.
+
+    Returns a new model (a deep copy, physically smaller; ``model`` is untouched) computing
+    the same function as ``model`` with the removed neurons' outgoing columns set to zero.
+    """
+    _check_model(model)
+    amount = _check_fraction(amount, "amount")
+    if criterion not in ("l1", "l2"):
+        raise ValueError(f"criterion must be 'l1' or 'l2', got {criterion!r}")
+    if not any(isinstance(m, _LINEAR_TYPES) for m in model.modules()):
+        raise ValueError(f"model: {type(model).__name__} has no nn.Linear layer to prune")
+    new_model = copy.deepcopy(model)
+    chains = _find_chains(new_model)
+    if not chains:
+        raise ValueError(f"model: {type(model).__name__} has no hidden layer to shrink "
+                         "(no Linear -> element-wise -> Linear chain)")
+    modules = dict(new_model.named_modules())
+    for chain in chains:
+        _check_finite_weights([(chain.producer, modules[chain.producer])])
+    rows: dict[str, torch.Tensor] = {}
+    cols: dict[str, torch.Tensor] = {}
+    features: dict[str, torch.Tensor] = {}
+    for chain in chains:
+        keep = _kept_neurons(_row_norms(modules[chain.producer], criterion), amount)
+        rows[chain.producer] = keep
+        cols[chain.consumer] = keep
+        for name in chain.between:
+            features[name] = keep
+    for name in dict.fromkeys([*rows, *cols]):
+        old = modules[name]
+        _set_submodule(new_model, old, _slice_linear(old, rows.get(name), cols.get(name)))
+    for name, keep in features.items():
+        old = modules[name]
+        _set_submodule(new_model, old, _slice_features(old, keep))
+    return new_model

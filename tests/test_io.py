@@ -1,0 +1,458 @@
+"""torchslim.save / load / to_dense: round trips give equal outputs, files are compact, and
+truncated, corrupted or hostile files raise ValueError quickly without huge allocations."""
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import torchslim
+import torchslim.io as tio
+from torchslim.nn import MaskedSparseLinear
+from torchslim.ops._reference import pack_int4, ref_codebook_linear, unpack_int4
+
+
+# --------------------------------------------------------------------------------------
+# CodebookLinear: the real one, or a contract stand-in while the module is a placeholder
+# --------------------------------------------------------------------------------------
+
+class _StandInCodebookLinear(nn.Module):
+    """Minimal CodebookLinear following the published contract (tests only)."""
+
+    def __init__(self, in_features, out_features, num_clusters=16, bias=True, zero_pinned=False, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.num_clusters, self.zero_pinned = num_clusters, zero_pinned
+        self.codebook = nn.Parameter(torch.zeros(num_clusters, device=device, dtype=dtype or torch.float32))
+        cols = (in_features + 1) // 2 if num_clusters <= 16 else in_features
+        self.register_buffer("indices", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
+
+    @property
+    def weight(self):
+        idx = self.indices
+        if idx.shape[1] != self.in_features:
+            idx = unpack_int4(idx, self.in_features)
+        return self.codebook.detach()[idx.long()]
+
+    def to_dense(self):
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, dtype=self.codebook.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def forward(self, x):
+        return ref_codebook_linear(x, self.indices, self.codebook, self.bias)
+
+
+def _real_codebook_available() -> bool:
+    try:
+        torchslim.nn.CodebookLinear(4, 3, num_clusters=4)
+        return True
+    except NotImplementedError:
+        return False
+
+
+@pytest.fixture
+def cb_cls(monkeypatch):
+    if _real_codebook_available():
+        return torchslim.nn.CodebookLinear
+    monkeypatch.setattr(torchslim.nn, "CodebookLinear", _StandInCodebookLinear)
+    return _StandInCodebookLinear
+
+
+def make_codebook_layer(cls, in_f, out_f, k, zero_pinned=False, codebook=None, density=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    layer = cls(in_f, out_f, num_clusters=k, bias=True, zero_pinned=zero_pinned)
+    with torch.no_grad():
+        if codebook is not None:
+            layer.codebook = codebook
+        else:
+            cb = torch.randn(k, generator=g)
+            if zero_pinned:
+                cb[0] = 0.0
+            layer.codebook.copy_(cb)
+        lo = 1 if zero_pinned else 0
+        idx = torch.randint(lo, k, (out_f, in_f), generator=g)
+        if zero_pinned:
+            idx[torch.rand(out_f, in_f, generator=g) >= density] = 0
+        idx = idx.to(torch.uint8)
+        layer.indices.copy_(pack_int4(idx) if k <= 16 else idx)
+        layer.bias.copy_(torch.randn(out_f, generator=g))
+    return layer
+
+
+def masked_layer(in_f, out_f, density, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g))
+    mask = torch.rand(out_f, in_f, generator=g) < density
+    layer = MaskedSparseLinear.from_dense(lin, mask=mask)
+    return layer
+
+
+def roundtrip(model, tmp_path, **kw):
+    path = tmp_path / "m.tslim"
+    size = torchslim.save(model, path, **kw)
+    assert size == path.stat().st_size
+    return torchslim.load(path), path
+
+
+def assert_same_outputs(a, b, x):
+    a.eval()
+    b.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------
+# round trips
+# --------------------------------------------------------------------------------------
+
+def test_dense_mlp_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 9), nn.ReLU(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3, bias=False))
+    loaded, _ = roundtrip(model, tmp_path)
+    assert isinstance(loaded, nn.Sequential) and [type(m) for m in loaded] == [type(m) for m in model]
+    assert loaded[4].bias is None
+    assert_same_outputs(model, loaded, torch.randn(5, 13))
+    assert not loaded.training
+
+
+@pytest.mark.parametrize("codec", ["auto", "none", "zlib", "lzma"])
+def test_masked_roundtrip_and_compact(tmp_path, codec):
+    torch.manual_seed(1)
+    model = nn.Sequential(masked_layer(300, 200, 0.08, seed=1), nn.ReLU(), masked_layer(200, 10, 0.3, seed=2))
+    # Masked-out weights keep arbitrary values in `weight`; they must not matter.
+    loaded, path = roundtrip(model, tmp_path, codec=codec)
+    assert isinstance(loaded[0], MaskedSparseLinear)
+    assert torch.equal(loaded[0].mask, model[0].mask) and torch.equal(loaded[2].mask, model[2].mask)
+    assert_same_outputs(model, loaded, torch.randn(4, 300))
+    dense_bytes = 4 * sum(p.numel() for p in model.parameters())
+    nnz = int(model[0].mask.sum() + model[2].mask.sum())
+    # values (4 B) + about one byte of position per kept weight + biases + header
+    assert path.stat().st_size < 4 * nnz + 1.6 * nnz + 4 * 210 + 2048
+    assert path.stat().st_size < dense_bytes / 8
+
+
+def test_masked_edge_cases(tmp_path):
+    # empty rows, a full row, an all-pruned layer, wide gaps (multi-byte varints), 1x1
+    lin = nn.Linear(1000, 4)
+    mask = torch.zeros(4, 1000, dtype=torch.bool)
+    mask[0, [0, 999]] = True
+    mask[2, :] = True
+    layer = MaskedSparseLinear.from_dense(lin, mask=mask)
+    model = nn.Sequential(layer, nn.ReLU(), MaskedSparseLinear.from_dense(nn.Linear(4, 1), mask=torch.zeros(1, 4, dtype=torch.bool)),
+                          MaskedSparseLinear.from_dense(nn.Linear(1, 1)))
+    loaded, _ = roundtrip(model, tmp_path)
+    assert torch.equal(loaded[0].mask, mask)
+    assert_same_outputs(model, loaded, torch.randn(3, 1000))
+
+
+@pytest.mark.parametrize("k,zero_pinned,density", [(16, False, 1.0), (8, True, 0.1), (16, True, 0.9), (64, False, 1.0),
+                                                   (256, True, 0.05), (2, False, 1.0)])
+def test_codebook_roundtrip(tmp_path, cb_cls, k, zero_pinned, density):
+    model = nn.Sequential(make_codebook_layer(cb_cls, 37, 21, k, zero_pinned, density=density, seed=k),
+                          nn.LeakyReLU(0.05), make_codebook_layer(cb_cls, 21, 5, k, zero_pinned, density=density, seed=k + 1))
+    loaded, path = roundtrip(model, tmp_path)
+    for a, b in ((model[0], loaded[0]), (model[2], loaded[2])):
+        assert isinstance(b, cb_cls)
+        assert b.indices.dtype == torch.uint8 and b.indices.shape == a.indices.shape
+        assert torch.equal(b.indices, a.indices) and torch.equal(b.codebook, a.codebook)
+        assert b.zero_pinned == zero_pinned
+    assert loaded[1].negative_slope == 0.05
+    assert_same_outputs(model, loaded, torch.randn(6, 37))
+
+
+def test_pruned_and_shared_layer_stored_sparse(tmp_path, cb_cls):
+    layer = make_codebook_layer(cb_cls, 784, 300, 16, zero_pinned=True, density=0.08)
+    size = torchslim.save(nn.Sequential(layer), tmp_path / "m")
+    dense_fp32 = 4 * 784 * 300
+    header = json.loads(torchslim.io._parse_safetensors((tmp_path / "m").read_bytes(), "m")[0]["torchslim"])
+    assert header["model"]["children"][0][1]["enc"] == "sparse"
+    # 8% kept: position (~5 bits entropy) + 4-bit code each, vs 32 bits per dense weight
+    assert dense_fp32 / size > 35
+    loaded = torchslim.load(tmp_path / "m")
+    assert_same_outputs(nn.Sequential(layer), loaded, torch.randn(2, 784))
+
+
+def test_global_codebook_stored_once_and_shared(tmp_path, cb_cls):
+    shared = nn.Parameter(torch.linspace(-1, 1, 16))
+    l1 = make_codebook_layer(cb_cls, 20, 10, 16, codebook=shared, seed=3)
+    l2 = make_codebook_layer(cb_cls, 10, 4, 16, codebook=shared, seed=4)
+    assert l1.codebook is l2.codebook
+    model = nn.Sequential(l1, nn.ReLU(), nn.Sequential(l2, nn.Sigmoid()))
+    loaded, path = roundtrip(model, tmp_path)
+    assert loaded[0].codebook is loaded[2][0].codebook
+    assert isinstance(loaded[0].codebook, nn.Parameter)
+    assert len(list(loaded.parameters())) == 3  # one codebook + two biases
+    header = json.loads(tio._parse_safetensors(path.read_bytes(), "m")[0]["torchslim"])
+    assert list(header["codebooks"]) == ["cb0"]
+    assert_same_outputs(model, loaded, torch.randn(3, 20))
+
+
+def test_batchnorm_nested_and_misc_layers(tmp_path):
+    torch.manual_seed(2)
+    bn = nn.BatchNorm1d(8)
+    model = nn.Sequential(
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(12, 8), bn, nn.GELU(approximate="tanh"), nn.Dropout(0.25)),
+        nn.Sequential(nn.Sequential(masked_layer(8, 6, 0.5), nn.ELU(0.7)), nn.Identity()),
+        nn.BatchNorm1d(6, affine=False),
+        nn.Linear(6, 3), nn.LogSoftmax(dim=1),
+    )
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 3, 4))  # move the running statistics
+    loaded, _ = roundtrip(model, tmp_path)
+    assert loaded[1][1].num_batches_tracked.item() == 3
+    assert loaded[1][3].p == 0.25 and loaded[1][2].approximate == "tanh"
+    assert_same_outputs(model, loaded, torch.randn(5, 3, 4))
+
+
+def test_named_sequential_children(tmp_path):
+    from collections import OrderedDict
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(4, 3), act=nn.ReLU(), fc2=nn.Linear(3, 2)))
+    loaded, _ = roundtrip(model, tmp_path)
+    assert list(loaded.state_dict()) == list(model.state_dict())
+
+
+def test_float64_model(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 4).double(), nn.ReLU(), MaskedSparseLinear.from_dense(nn.Linear(4, 2).double()))
+    loaded, _ = roundtrip(model, tmp_path)
+    assert loaded[0].weight.dtype == torch.float64 and loaded[2].weight.dtype == torch.float64
+    assert_same_outputs(model, loaded, torch.randn(3, 5, dtype=torch.float64))
+
+
+def test_unsupported_module_raises_typeerror(tmp_path):
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="Custom"):
+        torchslim.save(nn.Sequential(nn.Linear(2, 2), Custom()), tmp_path / "m")
+    with pytest.raises(ValueError, match="codec"):
+        torchslim.save(nn.Linear(2, 2), tmp_path / "m", codec="brotli")
+
+
+def test_no_pickle_in_file(tmp_path):
+    path = tmp_path / "m"
+    torchslim.save(nn.Sequential(masked_layer(20, 10, 0.5)), path)
+    data = path.read_bytes()
+    assert b"\x80\x04" not in data[:16] and not data.startswith(b"PK")
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:  # a standard safetensors file
+        assert "torchslim" in f.metadata()
+
+
+# --------------------------------------------------------------------------------------
+# to_dense
+# --------------------------------------------------------------------------------------
+
+def test_to_dense_equivalence(cb_cls):
+    torch.manual_seed(3)
+    cb = make_codebook_layer(cb_cls, 16, 8, 16, zero_pinned=True, density=0.5)
+    model = nn.Sequential(masked_layer(10, 16, 0.3), nn.ReLU(), nn.Sequential(cb, nn.Tanh()), nn.Linear(8, 2))
+    dense = torchslim.to_dense(model)
+    assert isinstance(model[0], MaskedSparseLinear)  # input untouched
+    kinds = [type(m) for m in dense.modules()]
+    assert MaskedSparseLinear not in kinds and cb_cls not in kinds
+    assert type(dense[0]) is nn.Linear and type(dense[2][0]) is nn.Linear
+    assert int((dense[0].weight != 0).sum()) == int((model[0].weight * model[0].mask != 0).sum())
+    x = torch.randn(7, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), model(x), rtol=1e-5, atol=1e-5)
+    single = torchslim.to_dense(masked_layer(5, 3, 0.5))
+    assert type(single) is nn.Linear
+
+
+# --------------------------------------------------------------------------------------
+# hostile files
+# --------------------------------------------------------------------------------------
+
+def _model_bytes(cb_cls=None):
+    layers = [masked_layer(40, 30, 0.2), nn.ReLU(), nn.Linear(30, 12), nn.BatchNorm1d(12)]
+    if cb_cls is not None:
+        layers += [make_codebook_layer(cb_cls, 12, 6, 16, zero_pinned=True, density=0.1), nn.ReLU(),
+                   make_codebook_layer(cb_cls, 6, 3, 64)]
+    return tio.save_to_bytes(nn.Sequential(*layers), codec="none")
+
+
+def _split(data: bytes):
+    (hlen,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + hlen])
+    return header, data[8 + hlen:]
+
+
+def _join(header: dict, body: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def _with_meta(data: bytes, mutate) -> bytes:
+    header, body = _split(data)
+    meta = json.loads(header["__metadata__"]["torchslim"])
+    mutate(meta)
+    header["__metadata__"]["torchslim"] = json.dumps(meta)
+    return _join(header, body)
+
+
+def _load_raises(data: bytes, match: str | None = None):
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=match):
+        tio.load_bytes(data)
+    assert time.perf_counter() - t0 < 2.0
+
+
+def test_truncated_files_raise(tmp_path, cb_cls):
+    data = _model_bytes(cb_cls)
+    tio.load_bytes(data)  # the intact file loads
+    for cut in [0, 4, 8, 12, 100, len(data) // 2, len(data) - 1]:
+        _load_raises(data[:cut])
+    path = tmp_path / "t"
+    path.write_bytes(data[:len(data) - 3])
+    with pytest.raises(ValueError):
+        torchslim.load(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        torchslim.load(tmp_path / "missing")
+
+
+def test_flipped_bytes_raise_valueerror_or_load_consistently(cb_cls):
+    data = _model_bytes(cb_cls)
+    (hlen,) = struct.unpack("<Q", data[:8])
+    rng = np.random.default_rng(0)
+    # Header bytes: every flip must give a ValueError (or, rarely, a still-valid file).
+    for pos in rng.integers(0, 8 + hlen, size=150):
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        try:
+            tio.load_bytes(bytes(bad))
+        except ValueError:
+            pass
+    # Stream bytes (indices, row counts) must also never escape as anything but ValueError.
+    for pos in rng.integers(8 + hlen, len(data), size=150):
+        bad = bytearray(data)
+        bad[pos] ^= 0xFF
+        try:
+            tio.load_bytes(bytes(bad))
+        except ValueError:
+            pass
+
+
+def test_bad_json_and_unknown_types():
+    data = _model_bytes()
+    header, body = _split(data)
+    header["__metadata__"]["torchslim"] = "{not json"
+    _load_raises(_join(header, body), "corrupt architecture header")
+    header["__metadata__"]["torchslim"] = json.dumps({"format": "other"})
+    _load_raises(_join(header, body), "not a torchslim file")
+    _load_raises(_with_meta(data, lambda m: m.update(version=99)), "version")
+
+    def unknown(m):
+        m["model"]["children"][1][1]["type"] = "os.system"
+    _load_raises(_with_meta(data, unknown), "unknown layer type")
+
+    def extra_field(m):
+        m["model"]["children"][2][1]["evil"] = 1
+    _load_raises(_with_meta(data, extra_field), "fields")
+    del header["__metadata__"]
+    _load_raises(_join(header, body), "not a torchslim file")
+    _load_raises(b"\x00" * 64)
+    _load_raises(struct.pack("<Q", 1 << 62) + b"{}")
+
+
+def test_oversize_shapes_raise_without_allocating():
+    data = _model_bytes()
+
+    def huge_linear(m):
+        m["model"]["children"][2][1].update({"in": 1 << 30, "out": 1 << 30})
+    _load_raises(_with_meta(data, huge_linear), "limit|shape")
+
+    def huge_sparse(m):  # masked layers may legitimately hold few values: the cap must bite
+        m["model"]["children"][0][1].update({"in": 1 << 31})
+    _load_raises(_with_meta(data, huge_sparse), "elements|limit")
+
+    def wrong_width(m):
+        m["model"]["children"][2][1]["in"] = 31
+    _load_raises(_with_meta(data, wrong_width), "shape")
+
+    def huge_bn(m):
+        m["model"]["children"][3][1]["num_features"] = 1 << 31
+    _load_raises(_with_meta(data, huge_bn))
+
+    def bad_nnz(m):
+        m["model"]["children"][0][1]["nnz"] += 1
+    _load_raises(_with_meta(data, bad_nnz), "shape|nnz")
+
+    # the safetensors container itself declaring a huge tensor
+    header, body = _split(data)
+    name = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32")
+    header[name]["shape"] = [1 << 20, 1 << 20]
+    _load_raises(_join(header, body), "declares shape")
+
+
+def test_out_of_range_indices_raise(cb_cls):
+    # codebook index >= k in a dense 64-cluster layer
+    shared = nn.Parameter(torch.randn(20))
+    layer = make_codebook_layer(cb_cls, 6, 3, 64)
+    data = tio.save_to_bytes(nn.Sequential(layer), codec="none")
+
+    def shrink_k(m):
+        m["model"]["children"][0][1]["k"] = 20
+        m["codebooks"]["cb0"]["k"] = 20
+    header, body = _split(_with_meta(data, shrink_k))
+    # keep the container consistent: replace the 64-entry codebook by 20 entries (still one byte per index)
+    cb_name = "codebook/cb0"
+    start, end = header[cb_name]["data_offsets"]
+    new_cb = shared.detach().numpy().astype(np.float32).tobytes()
+    shift = len(new_cb) - (end - start)
+    body = body[:start] + new_cb + body[end:]
+    header[cb_name]["shape"] = [20]
+    header[cb_name]["data_offsets"] = [start, start + len(new_cb)]
+    for k, v in header.items():
+        if k != "__metadata__" and v["data_offsets"][0] >= end:
+            v["data_offsets"] = [v["data_offsets"][0] + shift, v["data_offsets"][1] + shift]
+    _load_raises(_join(header, body), "out of range")
+
+    # column index past in_features in a sparse layer: a row whose gaps overflow
+    lin = nn.Linear(10, 2)
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, 9] = True
+    data = tio.save_to_bytes(nn.Sequential(MaskedSparseLinear.from_dense(lin, mask=mask)), codec="none")
+
+    def narrow(m):
+        m["model"]["children"][0][1]["in"] = 9
+    _load_raises(_with_meta(data, narrow), "shape|out of range")
+
+
+def test_decompression_bomb_rejected():
+    import zlib
+    bomb = zlib.compress(b"\x00" * (50 << 20), 9)  # 50 MiB of zeros in ~50 KiB
+    assert len(bomb) < 100_000
+    with pytest.raises(ValueError):
+        tio._decompress(bomb, "zlib", 1000, "codes")
+    with pytest.raises(ValueError):
+        tio._decompress(b"garbage", "lzma", 10, "codes")
+    with pytest.raises(ValueError):
+        tio._decompress(b"garbage", "brotli", 10, "codes")
+
+
+def test_varint_roundtrip_and_errors():
+    v = np.array([0, 1, 127, 128, 300, 16383, 16384, (1 << 31) - 1], dtype=np.int64)
+    enc = tio._varint_encode(v)
+    np.testing.assert_array_equal(tio._varint_decode(enc, len(v), "x"), v)
+    with pytest.raises(ValueError):
+        tio._varint_decode(enc, len(v) + 1, "x")
+    with pytest.raises(ValueError):
+        tio._varint_decode(enc[:-1], len(v), "x")  # ends mid-value
+    with pytest.raises(ValueError):
+        tio._varint_decode(b"\x80" * 9 + b"\x01", 1, "x")  # too long
