@@ -5,6 +5,10 @@ torchslim.ops.kd_kl_div and of the float reference ref_kd_kl_div (the same PyTor
 users write), measured in the same run, the speed-up, and the peak extra memory of one
 forward+backward call (inputs excluded, the returned gradient included).
 
+CPU time: the machine may be shared, so next to wall-clock time the CPU time the process
+spent per call (user + system, from getrusage, divided by the thread count) is reported;
+on an otherwise idle machine the two agree.
+
 Peak memory: on the CPU from the allocation/free events that torch.profiler records for
 torch's allocator (running sum of the bytes, highest point); on CUDA from
 torch.cuda.max_memory_allocated. The floor column is the time to read both inputs once and
@@ -15,6 +19,7 @@ write the gradient once at the bandwidth measured here, in the same run.
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 from pathlib import Path
 
@@ -54,6 +59,23 @@ def peak_extra_bytes(fn, device) -> int:
         running += e.nbytes()
         peak = max(peak, running)
     return int(peak)
+
+
+def cpu_ms_per_thread(fn, min_calls: int = 3, min_seconds: float = 0.2) -> float:
+    """Process CPU time (user + system) per call, divided by the intra-op thread count."""
+    import time
+
+    fn()
+
+    def used():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    calls, start, wall = 0, used(), time.perf_counter()
+    while calls < min_calls or time.perf_counter() - wall < min_seconds:
+        fn()
+        calls += 1
+    return (used() - start) / calls / torch.get_num_threads() * 1e3
 
 
 def bandwidth_gbs(device) -> tuple[float, float]:
@@ -107,21 +129,25 @@ def main() -> None:
             tf_ours, tf_ref = time_ms(ours_fwd, run_time), time_ms(ref_fwd, run_time)
             tb_ours, tb_ref = time_ms(ours_full, run_time), time_ms(ref_full, run_time)
             mem_ours, mem_ref = peak_extra_bytes(ours_full, device), peak_extra_bytes(ref_full, device)
+            cpu_ours = cpu_ms_per_thread(ours_full, min_seconds=run_time) if device.type == "cpu" else float("nan")
+            cpu_ref = cpu_ms_per_thread(ref_full, min_calls=2, min_seconds=run_time) if device.type == "cpu" else float("nan")
             grad_bytes = n * c * esize
             rows.append({
                 "N": n, "C": c, "dtype": dname,
                 "fwd_ours_ms": tf_ours["p50"], "fwd_torch_ms": tf_ref["p50"], "fwd_speedup": tf_ref["p50"] / tf_ours["p50"],
                 "fb_ours_ms": tb_ours["p50"], "fb_torch_ms": tb_ref["p50"], "fb_speedup": tb_ref["p50"] / tb_ours["p50"],
                 "floor_ms": floor_ms,
+                "fb_ours_cpu_ms": cpu_ours, "fb_torch_cpu_ms": cpu_ref, "cpu_speedup": cpu_ref / cpu_ours,
                 "peak_ours_MiB": mem_ours / 2**20, "peak_torch_MiB": mem_ref / 2**20,
                 "peak_ours_in_grads": mem_ours / grad_bytes, "peak_torch_in_grads": mem_ref / grad_bytes,
                 "fb_ours_p20_p80": [tb_ours["p20"], tb_ours["p80"]], "fb_torch_p20_p80": [tb_ref["p20"], tb_ref["p80"]],
             })
-            print_table(rows[-1:], ["N", "C", "dtype", "fb_ours_ms", "fb_torch_ms", "fb_speedup", "floor_ms"])
+            print_table(rows[-1:], ["N", "C", "dtype", "fb_ours_ms", "fb_torch_ms", "fb_speedup", "fb_ours_cpu_ms",
+                                    "fb_torch_cpu_ms", "cpu_speedup", "floor_ms"])
             del s, t
 
     cols = ["N", "C", "dtype", "fwd_ours_ms", "fwd_torch_ms", "fwd_speedup", "fb_ours_ms", "fb_torch_ms", "fb_speedup",
-            "floor_ms", "peak_ours_in_grads", "peak_torch_in_grads"]
+            "fb_ours_cpu_ms", "fb_torch_cpu_ms", "cpu_speedup", "floor_ms", "peak_ours_in_grads", "peak_torch_in_grads"]
     print_table(rows, cols, title=f"kd_kl_div vs PyTorch composite ({args.device}, T={T}; peak memory in [N, C] gradients)")
     for r in rows:
         r["bandwidth_read_GBs"], r["bandwidth_write_GBs"] = read_bw, write_bw

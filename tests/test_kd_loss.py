@@ -91,6 +91,20 @@ def test_multithreaded_rows_match_reference():
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_large_gradient_streamed(dtype):
+    # >= 16 MiB of gradient: written with streaming stores; odd C puts rows on every alignment.
+    rows, classes = (33, 127_001) if dtype == torch.float32 else (65, 129_001)
+    s, t = sample_inputs((rows, classes), dtype=dtype, requires_grad=True, seed=2)
+    out = kd_kl_div(s, t, 2.0, "sum")
+    (g,) = torch.autograd.grad(out, s)
+    s32 = s.detach().float().requires_grad_()
+    want = ref_kd_kl_div(s32, t.float(), 2.0, "sum")
+    (gw,) = torch.autograd.grad(want, s32)
+    torch.testing.assert_close(out.float(), want, rtol=1e-4 if dtype == torch.float32 else 1e-2, atol=1e-4)
+    torch.testing.assert_close(g.float(), gw, rtol=1e-3 if dtype == torch.float32 else 2e-2, atol=1e-6)
+
+
 def test_backward_scales_saved_gradient():
     s, t = sample_inputs((6, 40), requires_grad=True, seed=4)
     loss = kd_kl_div(s, t, 3.0)
@@ -121,8 +135,7 @@ def test_opcheck():
     s32, t32 = sample_inputs((2, 3, 11), dtype=torch.float32, seed=8)
     torch.library.opcheck(op, (s, t, 2.0, 3, None, True))
     torch.library.opcheck(op, (s, t, 0.5, 0, w, True))
-    torch.library.opcheck(op, (s32.requires_grad_(), t32, 1.0, 2, None, True))
-    torch.library.opcheck(op, (s32.detach(), t32, 1.0, 1, None, False))
+    torch.library.opcheck(op, (s32, t32, 1.0, 1, None, False))
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
@@ -348,13 +361,16 @@ def test_every_simd_path_agrees():
     env_base = dict(os.environ)
     env_base["PYTHONPATH"] = os.pathsep.join(p for p in [os.path.dirname(os.path.dirname(torchslim.__file__)),
                                                          env_base.get("PYTHONPATH", "")] if p)
+    # This process runs the best level the CPU has; the lower ones run in subprocesses
+    # (the level is read once per process), side by side.
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=dict(env_base, TORCHSLIM_SIMD=level),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for level in ("scalar", "avx2")]
     seen = set()
-    # This process runs the best level the CPU has; the others run in subprocesses.
-    for level in ("scalar", "avx2"):
-        env = dict(env_base, TORCHSLIM_SIMD=level)
-        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr[-3000:]
-        seen.add(res.stdout.strip().splitlines()[-1])
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-3000:]
+        seen.add(out.strip().splitlines()[-1])
     assert "scalar" in seen
 
 

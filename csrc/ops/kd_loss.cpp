@@ -11,8 +11,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -135,7 +137,10 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& student, 
   if (reduction == kMean) scale = counted > 0.0 && C > 0 ? 1.0 / (counted * double(C)) : 0.0;
 
   at::Tensor grad = need_grad ? empty_gradient(student) : at::empty({0}, student.options());
-  at::Tensor row_loss = at::zeros({N}, student.options().dtype(at::kDouble));
+  // Per-row losses only for reduction "none"; otherwise each parallel chunk returns its sum,
+  // added up in row order (deterministic for a given thread count).
+  at::Tensor row_loss = reduction == kNone ? at::empty({N}, student.options().dtype(at::kDouble)) : at::Tensor();
+  double total = 0.0;
   if (N > 0 && C > 0) {
     cpu::KdLossParams p;
     p.dtype = kd_dtype(student.scalar_type());
@@ -149,17 +154,24 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& student, 
     p.temperature = temperature;
     p.grad_scale = scale;
     p.grad = need_grad ? grad.data_ptr() : nullptr;
-    p.row_loss = row_loss.data_ptr<double>();
-    const int64_t grain = std::max<int64_t>(1, 16384 / C);
-    at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) { cpu::kd_loss_rows(p, begin, end); });
-  } else if (need_grad) {
-    grad.zero_();
+    p.row_loss = row_loss.defined() ? row_loss.data_ptr<double>() : nullptr;
+    p.stream_grad = need_grad && grad.nbytes() >= (size_t(16) << 20);  // far beyond the caches
+    // Fixed chunks of >= 32k elements; each returns its loss sum, added up in chunk order
+    // (deterministic whatever the thread count or scheduling).
+    const int64_t chunk = std::max<int64_t>(1, 32768 / C);
+    const int64_t nchunks = (N + chunk - 1) / chunk;
+    std::vector<double> partial(nchunks, 0.0);
+    at::parallel_for(0, nchunks, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) partial[c] = cpu::kd_loss_rows(p, c * chunk, std::min(N, (c + 1) * chunk));
+    });
+    for (double v : partial) total += v;
+  } else {  // no rows or no classes: nothing to diverge
+    if (row_loss.defined()) row_loss.zero_();
+    if (need_grad) grad.zero_();
   }
 
-  at::Tensor loss;
-  if (reduction == kNone) loss = row_loss.to(student.scalar_type()).reshape(pr.lead);
-  else loss = (row_loss.sum() * scale).to(student.scalar_type());
-  return {loss, grad};
+  if (reduction == kNone) return {row_loss.to(student.scalar_type()).reshape(pr.lead), grad};
+  return {at::scalar_tensor(total * scale, student.options()), grad};
 }
 
 #ifdef TORCHSLIM_WITH_CUDA

@@ -95,7 +95,10 @@ inline double nan_ignoring_max(double m, double x) { return x > m ? x : m; }
 struct ScalarF {
   using A = float;
   using vf = float;
+  using vacc = double;  // one lane sums a whole block: accumulate in double
   static constexpr int W = 1;
+  static vacc acc_add(vacc a, vf b) { return a + double(b); }
+  static vacc acc_zero() { return 0.0; }
   static vf set1(float v) { return v; }
   static vf zero() { return 0.0f; }
   static vf load(const float* p) { return *p; }
@@ -104,13 +107,15 @@ struct ScalarF {
   static void store(float* p, vf v) { *p = v; }
   static void store(Bf16* p, vf v) { *p = from_float<Bf16>(v); }
   static void store(F16* p, vf v) { *p = from_float<F16>(v); }
+  template <class P> static void stream(P* p, vf v) { store(p, v); }
+  static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
   static vf sub(vf a, vf b) { return a - b; }
   static vf mul(vf a, vf b) { return a * b; }
   static vf max_ignore_nan(vf acc, vf x) { return nan_ignoring_max(acc, x); }
   static vf select_pos(vf e, vf v) { return e > 0.0f ? v : 0.0f; }
   static float hmax(vf v) { return v; }
-  static double hsum(vf v) { return v; }
+  static double hsum(vacc v) { return v; }
   static vf exp2(vf y) {
     if (y < -127.0f) y = -127.0f;  // NaN passes through
     const float n = std::nearbyint(y);
@@ -126,11 +131,16 @@ struct ScalarF {
 struct ScalarD {
   using A = double;
   using vf = double;
+  using vacc = double;
   static constexpr int W = 1;
+  static vacc acc_add(vacc a, vf b) { return a + b; }
+  static vacc acc_zero() { return 0.0; }
   static vf set1(double v) { return v; }
   static vf zero() { return 0.0; }
   static vf load(const double* p) { return *p; }
   static void store(double* p, vf v) { *p = v; }
+  static void stream(double* p, vf v) { *p = v; }
+  static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
   static vf sub(vf a, vf b) { return a - b; }
   static vf mul(vf a, vf b) { return a * b; }
@@ -165,7 +175,10 @@ using namespace kd_detail;
 struct Avx2 {
   using A = float;
   using vf = __m256;
+  using vacc = __m256;  // 8 lanes, each summing 1/8 of a block
   static constexpr int W = 8;
+  static vacc acc_add(vacc a, vf b) { return _mm256_add_ps(a, b); }
+  static vacc acc_zero() { return _mm256_setzero_ps(); }
   static vf set1(float v) { return _mm256_set1_ps(v); }
   static vf zero() { return _mm256_setzero_ps(); }
   static vf load(const float* p) { return _mm256_loadu_ps(p); }
@@ -175,18 +188,25 @@ struct Avx2 {
   }
   static vf load(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
-  static void store(Bf16* p, vf v) {
+  static __m128i to_bf16(vf v) {
     const __m256i u = _mm256_castps_si256(v);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
     __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
     const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
   }
+  static void store(Bf16* p, vf v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
   static void store(F16* p, vf v) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
+  // Streaming stores: p aligned to the vector's byte width.
+  static void stream(float* p, vf v) { _mm256_stream_ps(p, v); }
+  static void stream(Bf16* p, vf v) { _mm_stream_si128(reinterpret_cast<__m128i*>(p), to_bf16(v)); }
+  static void stream(F16* p, vf v) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void fence() { _mm_sfence(); }
   static vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -236,7 +256,10 @@ using namespace kd_detail;
 struct Avx512 {
   using A = float;
   using vf = __m512;
+  using vacc = __m512;
   static constexpr int W = 16;
+  static vacc acc_add(vacc a, vf b) { return _mm512_add_ps(a, b); }
+  static vacc acc_zero() { return _mm512_setzero_ps(); }
   static vf set1(float v) { return _mm512_set1_ps(v); }
   static vf zero() { return _mm512_setzero_ps(); }
   static vf load(const float* p) { return _mm512_loadu_ps(p); }
@@ -246,17 +269,24 @@ struct Avx512 {
   }
   static vf load(const F16* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
-  static void store(Bf16* p, vf v) {
+  static __m256i to_bf16(vf v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
   }
+  static void store(Bf16* p, vf v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
   static void store(F16* p, vf v) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
+  static void stream(float* p, vf v) { _mm512_stream_ps(p, v); }
+  static void stream(Bf16* p, vf v) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), to_bf16(v)); }
+  static void stream(F16* p, vf v) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void fence() { _mm_sfence(); }
   static vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
@@ -299,8 +329,8 @@ using V = Avx512;
 #endif  // __x86_64__
 #undef TORCHSLIM_KD_BODY
 
-void kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end) {
-  if (begin >= end) return;
+double kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end) {
+  if (begin >= end) return 0.0;
   if (p.dtype == KdDtype::F64) return kd_scalar_f64::rows_entry<>(p, begin, end);
 #if defined(__x86_64__)
   switch (simd_level()) {
@@ -309,7 +339,7 @@ void kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     default: break;
   }
 #endif
-  kd_scalar::rows_entry<>(p, begin, end);
+  return kd_scalar::rows_entry<>(p, begin, end);
 }
 
 }  // namespace cpu
@@ -324,11 +354,10 @@ static inline void store_one(In* dst, A v) {
 }
 
 template <class In, bool kGrad>
-static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
+static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   using A = typename V::A;
   using vf = typename V::vf;
   constexpr int W = V::W;
-  constexpr bool kGradInPlace = std::is_same_v<In, A>;  // exponentials kept in the gradient row
   constexpr A kNegInf = -std::numeric_limits<A>::infinity();
   const int64_t C = p.classes;
   const int64_t nb = (C + kBlock - 1) / kBlock;
@@ -341,9 +370,13 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   In* G = static_cast<In*>(p.grad);
   const A* RW = static_cast<const A*>(p.row_weight);
 
-  const int64_t scratch_len = kGrad ? (kGradInPlace ? C : 2 * C) : 0;
+  // Student exponentials go to the gradient row itself (it is rewritten in place) unless the
+  // gradient is streamed out or has another dtype; teacher exponentials to the scratch.
+  const bool in_place = std::is_same_v<In, A> && !p.stream_grad;
+  const int64_t scratch_len = kGrad ? (in_place ? C : 2 * C) : 0;
   std::unique_ptr<A[]> scratch(new A[scratch_len + 1]);
   std::vector<BlockStats> blocks(nb);
+  double total = 0.0;
 
   for (int64_t r = begin; r < end; ++r) {
     const In* s = S + r * p.student_row_stride;
@@ -352,15 +385,14 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     In* g = kGrad ? G + r * C : nullptr;
     if (wr == 0.0) {  // padding row: counts for nothing, whatever its logits hold
       if constexpr (kGrad) std::memset(static_cast<void*>(g), 0, sizeof(In) * C);
-      p.row_loss[r] = 0.0;
+      if (p.row_loss) p.row_loss[r] = 0.0;
       continue;
     }
     A* es = nullptr;
     A* et = nullptr;
     if constexpr (kGrad) {
       et = scratch.get();
-      if constexpr (kGradInPlace) es = reinterpret_cast<A*>(g);
-      else es = scratch.get() + C;
+      es = in_place ? reinterpret_cast<A*>(g) : scratch.get() + C;
     }
 
     A run_s = kNegInf, run_t = kNegInf;
@@ -389,17 +421,18 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
       const vf vsh_s = V::set1(sh_s), vsh_t = V::set1(sh_t);
 
       // Pass B: one exponential per element per input, sums, and the KL cross term.
-      vf vzs = V::zero(), vzt = V::zero(), vw = V::zero(), vdz = V::zero();
+      using vacc = typename V::vacc;
+      vacc vzs = V::acc_zero(), vzt = V::acc_zero(), vw = V::acc_zero(), vdz = V::acc_zero();
       auto step = [&](vf xs, vf xt, A* es_out, A* et_out) {
         const vf ds = V::sub(xs, vsh_s);
         const vf dt = V::sub(xt, vsh_t);
         const vf e_s = V::exp2(V::mul(ds, vkk));
         const vf e_t = V::exp2(V::mul(dt, vkk));
-        vzs = V::add(vzs, e_s);
-        vzt = V::add(vzt, e_t);
-        vdz = V::add(vdz, V::sub(e_s, e_t));
+        vzs = V::acc_add(vzs, e_s);
+        vzt = V::acc_add(vzt, e_t);
+        vdz = V::acc_add(vdz, V::sub(e_s, e_t));
         // 0 * log 0 = 0: classes the teacher gives no mass contribute nothing.
-        vw = V::add(vw, V::select_pos(e_t, V::mul(e_t, V::sub(dt, ds))));
+        vw = V::acc_add(vw, V::select_pos(e_t, V::mul(e_t, V::sub(dt, ds))));
         if constexpr (kGrad) {
           V::store(es_out, e_s);
           V::store(et_out, e_t);
@@ -444,7 +477,9 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
     // at high temperatures Zs ~ Zt and T^2 would amplify the rounding of two separate logs.
     double kl = Wx * invT / Zt + std::log1p(Dz / Zt);
     if (kl < 0.0) kl = 0.0;  // rounding only: KL >= 0 (NaN passes through)
-    p.row_loss[r] = wr * T * T * kl;
+    const double loss = wr * T * T * kl;
+    if (p.row_loss) p.row_loss[r] = loss;
+    total += loss;
 
     if constexpr (kGrad) {
       // Pass C: grad = w_r * T * scale * (p_s - p_t), from the kept exponentials.
@@ -458,45 +493,49 @@ static void kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
         const A* esb = es + lo;
         const A* etb = et + lo;
         In* gb = g + lo;
+        // Equal scales (identical rows among others): cs * (e_s - e_t), exactly 0 where e_s == e_t.
+        const bool same = cs == ct;
+        auto vec_at = [&](int64_t i) {
+          const vf a = V::load(esb + i), b = V::load(etb + i);
+          return same ? V::mul(vcs, V::sub(a, b)) : V::sub(V::mul(vcs, a), V::mul(vct, b));
+        };
+        auto one_at = [&](int64_t i) { return same ? cs * (esb[i] - etb[i]) : cs * esb[i] - ct * etb[i]; };
         int64_t i = 0;
-        if (cs == ct) {  // equal scales (identical rows among others): exactly 0 where e_s == e_t
-          for (; i + W <= n; i += W) V::store(gb + i, V::mul(vcs, V::sub(V::load(esb + i), V::load(etb + i))));
-          for (; i < n; ++i) store_one(gb + i, cs * (esb[i] - etb[i]));
+        if (p.stream_grad) {
+          constexpr uintptr_t kAlign = uintptr_t(W) * sizeof(In);
+          for (; i < n && reinterpret_cast<uintptr_t>(gb + i) % kAlign != 0; ++i) store_one(gb + i, one_at(i));
+          for (; i + W <= n; i += W) V::stream(gb + i, vec_at(i));
         } else {
-          for (; i + W <= n; i += W) {
-            V::store(gb + i, V::sub(V::mul(vcs, V::load(esb + i)), V::mul(vct, V::load(etb + i))));
-          }
-          for (; i < n; ++i) store_one(gb + i, cs * esb[i] - ct * etb[i]);
+          for (; i + W <= n; i += W) V::store(gb + i, vec_at(i));
         }
+        for (; i < n; ++i) store_one(gb + i, one_at(i));
       }
     }
   }
+  if constexpr (kGrad) {
+    if (p.stream_grad) V::fence();
+  }
+  return total;
 }
 
 template <class VV = V>
-static void rows_entry(const KdLossParams& p, int64_t begin, int64_t end) {
+static double rows_entry(const KdLossParams& p, int64_t begin, int64_t end) {
   const bool grad = p.grad != nullptr;
   if constexpr (std::is_same_v<typename VV::A, double>) {
-    if (grad) kd_rows<double, true>(p, begin, end);
-    else kd_rows<double, false>(p, begin, end);
+    return grad ? kd_rows<double, true>(p, begin, end) : kd_rows<double, false>(p, begin, end);
   } else {
     switch (p.dtype) {
       case KdDtype::F32:
-        if (grad) kd_rows<float, true>(p, begin, end);
-        else kd_rows<float, false>(p, begin, end);
-        break;
+        return grad ? kd_rows<float, true>(p, begin, end) : kd_rows<float, false>(p, begin, end);
       case KdDtype::BF16:
-        if (grad) kd_rows<Bf16, true>(p, begin, end);
-        else kd_rows<Bf16, false>(p, begin, end);
-        break;
+        return grad ? kd_rows<Bf16, true>(p, begin, end) : kd_rows<Bf16, false>(p, begin, end);
       case KdDtype::F16:
-        if (grad) kd_rows<F16, true>(p, begin, end);
-        else kd_rows<F16, false>(p, begin, end);
-        break;
+        return grad ? kd_rows<F16, true>(p, begin, end) : kd_rows<F16, false>(p, begin, end);
       default:
         break;
     }
   }
+  return 0.0;
 }
 
 #endif  // TORCHSLIM_KD_BODY

@@ -29,12 +29,16 @@ struct KdLossParams {
   double temperature = 1.0;
   double grad_scale = 1.0;  // reduction factor: 1 (sum, none), 1/D (batchmean), 1/(D*C) (mean)
   void* grad = nullptr;     // optional [rows, classes] contiguous output, same dtype as the logits
-  double* row_loss = nullptr;  // [rows] output
+  double* row_loss = nullptr;  // optional [rows] output
+  // Write the gradient with non-temporal (streaming) stores and keep both rows of
+  // exponentials in the scratch instead: for gradients far larger than the caches, this
+  // saves reading every gradient line before writing it.
+  bool stream_grad = false;
 };
 
-// Processes rows [begin, end); disjoint ranges may run on different threads. Picks the
-// AVX-512 / AVX2 / scalar body from simd_level() at run time.
-void kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end);
+// Processes rows [begin, end) and returns the sum of their losses; disjoint ranges may run
+// on different threads. Picks the AVX-512 / AVX2 / scalar body from simd_level() at run time.
+double kd_loss_rows(const KdLossParams& p, int64_t begin, int64_t end);
 
 }  // namespace cpu
 }  // namespace torchslim

@@ -107,7 +107,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 // THREADS_PER_ROW == 32: a warp per row (blockDim.x / 32 rows per block);
 // otherwise THREADS_PER_ROW == blockDim.x: a block per row.
 template <class T, int VEC, int THREADS_PER_ROW>
-__global__ void kd_loss_kernel(const T* __restrict__ S, const T* __restrict__ Tt, int64_t rows, int64_t C,
+__global__ void __launch_bounds__(THREADS_PER_ROW == 32 ? 256 : THREADS_PER_ROW) kd_loss_kernel(const T* __restrict__ S, const T* __restrict__ Tt, int64_t rows, int64_t C,
                                int64_t s_stride, int64_t t_stride, const typename Acc<T>::type* __restrict__ row_weight,
                                typename Acc<T>::type T_, typename Acc<T>::type kk, const float* __restrict__ grad_scale,
                                T* __restrict__ G, typename Acc<T>::type* __restrict__ row_loss) {
