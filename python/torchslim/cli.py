@@ -46,12 +46,12 @@ def _cmd_run(args) -> int:
     from torchslim.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(
-        data=args.data, seed=args.seed, test_fraction=args.test_fraction, hidden=args.hidden,
+        data=args.data, seed=args.seed, test_fraction=args.test_fraction, hidden=args.hidden, dropout=args.dropout,
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         prune=not args.no_prune, sparsity=args.sparsity, prune_epochs=args.prune_epochs,
         share=not args.no_share, bits=args.bits, global_codebook=args.global_codebook,
         share_epochs=args.share_epochs, share_lr=args.share_lr, student_hidden=args.student_hidden,
-        distill_epochs=args.distill_epochs, temperature=args.temperature, alpha=args.alpha, device=args.device,
+        distill_epochs=args.distill_epochs, temperature=args.temperature, alpha=args.alpha, mixup=args.mixup, device=args.device,
         out=args.out, progress=not args.no_progress, plots=not args.no_plots, latency=not args.no_latency,
         threads=args.threads, latency_min_run_time=args.latency_time)
     try:
@@ -77,6 +77,7 @@ def _add_run_parser(sub) -> None:
     g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out fraction (%(default)s)")
     g = p.add_argument_group("dense network")
     g.add_argument("--hidden", type=_int_list, default=list(d.hidden), help="hidden layer sizes (default 300,100)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout after each hidden layer (%(default)s)")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
     g.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 adam, 0.05 sgd)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -97,6 +98,8 @@ def _add_run_parser(sub) -> None:
     g.add_argument("--distill-epochs", type=int, default=None, help="student epochs (default: --epochs)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the soft-target loss (%(default)s)")
+    g.add_argument("--mixup", action="store_true",
+                   help="also distil on mixed inputs (lam*x_i + (1-lam)*x_j) labelled by the teacher only")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -39,6 +39,7 @@ class PipelineConfig:
     seed: int = 0
     test_fraction: float = 0.2
     hidden: Sequence[int] = (300, 100)
+    dropout: float = 0.0                 # dropout after each hidden ReLU of the dense network
     optimizer: str = "adam"
     lr: Optional[float] = None           # None: 1e-3 for adam, 0.05 for sgd
     batch_size: int = 64
@@ -55,6 +56,7 @@ class PipelineConfig:
     distill_epochs: Optional[int] = None  # None: same as epochs
     temperature: float = 4.0
     alpha: float = 0.9
+    mixup: bool = False                  # distil on a mixup transfer set as well
     device: str = "cpu"
     out: str = "out"
     progress: bool = True
@@ -91,6 +93,8 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -101,12 +105,14 @@ class PipelineConfig:
             raise ValueError(f"latency_min_run_time must be > 0 seconds, got {self.latency_min_run_time!r}")
 
 
-def make_mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
-    """Linear -> ReLU -> ... -> Linear (a BP network)."""
+def make_mlp(in_features: int, hidden: Sequence[int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> ReLU [-> Dropout] -> ... -> Linear (a BP network)."""
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -216,7 +222,7 @@ class Pipeline:
     # -- stages ----------------------------------------------------------------------
     def train_dense(self, hidden, name: str, offset: int) -> nn.Module:
         self._seed(offset)
-        model = make_mlp(self.split.num_features, hidden, self.num_classes).to(self.device)
+        model = make_mlp(self.split.num_features, hidden, self.num_classes, self.cfg.dropout).to(self.device)
         self._fit(model, self.cfg.epochs, self.lr, name, offset)
         return model
 
@@ -257,7 +263,7 @@ class Pipeline:
         if epochs:
             distill(student, teacher, self._loader(offset), epochs=epochs, lr=self.lr, temperature=self.cfg.temperature,
                     alpha=self.cfg.alpha, optimizer=self.cfg.optimizer, cache_teacher_logits=True,
-                    progress=self.cfg.progress, desc=name)
+                    progress=self.cfg.progress, desc=name, mixup=self.cfg.mixup, seed=self.cfg.seed)
         return student
 
     def compress_chain(self, model: nn.Module, prefix: str, offset: int) -> nn.Module:
@@ -300,7 +306,8 @@ class Pipeline:
                 student = self.distill_stage(dense, "student", 10)
                 st_txt = "-".join(str(h) for h in cfg.student_hidden)
                 self.measure("student", student, f"{self.split.num_features}-{st_txt}-{self.num_classes} distilled "
-                                                 f"(T={cfg.temperature}, alpha={cfg.alpha})")
+                                                 f"(T={cfg.temperature}, alpha={cfg.alpha}"
+                                                 f"{', mixup transfer set' if cfg.mixup else ''})")
                 final = self.compress_chain(student, "student-", 10)
             self.stages[-1]["final"] = True
             self.out.mkdir(parents=True, exist_ok=True)
