@@ -60,8 +60,13 @@ def _plain_student(cfg, payload) -> float:
     loader = DataLoader(TensorDataset(split.x_train, split.y_train), batch_size=cfg.batch_size, shuffle=True, generator=g)
     epochs = cfg.distill_epochs if cfg.distill_epochs is not None else cfg.epochs
     lr = cfg.lr if cfg.lr is not None else (1e-3 if cfg.optimizer == "adam" else 0.05)
-    fit(model, loader, epochs=epochs, lr=lr, optimizer=cfg.optimizer,
-        progress=cfg.progress)
+    old = torch.get_num_threads()
+    if cfg.train_threads:
+        torch.set_num_threads(cfg.train_threads)  # as the pipeline trains
+    try:
+        fit(model, loader, epochs=epochs, lr=lr, optimizer=cfg.optimizer, progress=cfg.progress)
+    finally:
+        torch.set_num_threads(old)
     return accuracy(model, split.x_test, split.y_test)
 
 

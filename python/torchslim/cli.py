@@ -53,7 +53,7 @@ def _cmd_run(args) -> int:
         share_epochs=args.share_epochs, share_lr=args.share_lr, student_hidden=args.student_hidden,
         distill_epochs=args.distill_epochs, temperature=args.temperature, alpha=args.alpha, mixup=args.mixup, device=args.device,
         out=args.out, progress=not args.no_progress, plots=not args.no_plots, latency=not args.no_latency,
-        threads=args.threads, latency_min_run_time=args.latency_time)
+        threads=args.threads, train_threads=args.train_threads or None, latency_min_run_time=args.latency_time)
     try:
         run_pipeline(cfg)
     except ValueError as exc:
@@ -102,7 +102,10 @@ def _add_run_parser(sub) -> None:
                    help="also distil on mixed inputs (lam*x_i + (1-lam)*x_j) labelled by the teacher only")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for inference and latency (default: torch's choice)")
+    g.add_argument("--train-threads", type=int, default=d.train_threads,
+                   help="CPU threads while training (%(default)s: small MLPs train fastest on one; 0: as --threads)")
     g.add_argument("--out", default=d.out, help="output folder (%(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="no PNG plots")

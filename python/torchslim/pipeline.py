@@ -18,6 +18,7 @@ with ``torchslim.save``, go to ``out``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -63,7 +64,8 @@ class PipelineConfig:
     plots: bool = True
     latency: bool = True
     latency_min_run_time: float = 0.2
-    threads: Optional[int] = None
+    threads: Optional[int] = None        # torch threads for inference / latency (None: torch's default)
+    train_threads: Optional[int] = 1     # threads while training (small MLPs train fastest on one)
     verbose: bool = True
 
     def validate(self) -> None:
@@ -101,6 +103,8 @@ class PipelineConfig:
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         if self.threads is not None:
             pos_int("threads", self.threads)
+        if self.train_threads is not None:
+            pos_int("train_threads", self.train_threads)
         if not (isinstance(self.latency_min_run_time, (int, float)) and self.latency_min_run_time > 0):
             raise ValueError(f"latency_min_run_time must be > 0 seconds, got {self.latency_min_run_time!r}")
 
@@ -211,13 +215,24 @@ class Pipeline:
                  f"({row['compression_ratio']:.1f}x)")
         return row
 
+    @contextlib.contextmanager
+    def _training_threads(self):
+        old = torch.get_num_threads()
+        if self.cfg.train_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.train_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
     def _fit(self, model, epochs, lr, desc, offset, on_step=None):
         from torchslim.distill import fit
 
         if epochs == 0:
             return []
-        return fit(model, self._loader(offset), epochs=epochs, lr=lr, optimizer=self.cfg.optimizer,
-                   progress=self.cfg.progress, on_step=on_step, desc=desc)
+        with self._training_threads():
+            return fit(model, self._loader(offset), epochs=epochs, lr=lr, optimizer=self.cfg.optimizer,
+                       progress=self.cfg.progress, on_step=on_step, desc=desc)
 
     # -- stages ----------------------------------------------------------------------
     def train_dense(self, hidden, name: str, offset: int) -> nn.Module:
@@ -261,9 +276,10 @@ class Pipeline:
         student = make_mlp(self.split.num_features, self.cfg.student_hidden, self.num_classes).to(self.device)
         epochs = self.cfg.distill_epochs if self.cfg.distill_epochs is not None else self.cfg.epochs
         if epochs:
-            distill(student, teacher, self._loader(offset), epochs=epochs, lr=self.lr, temperature=self.cfg.temperature,
-                    alpha=self.cfg.alpha, optimizer=self.cfg.optimizer, cache_teacher_logits=True,
-                    progress=self.cfg.progress, desc=name, mixup=self.cfg.mixup, seed=self.cfg.seed)
+            with self._training_threads():
+                distill(student, teacher, self._loader(offset), epochs=epochs, lr=self.lr, temperature=self.cfg.temperature,
+                        alpha=self.cfg.alpha, optimizer=self.cfg.optimizer, cache_teacher_logits=True,
+                        progress=self.cfg.progress, desc=name, mixup=self.cfg.mixup, seed=self.cfg.seed)
         return student
 
     def compress_chain(self, model: nn.Module, prefix: str, offset: int) -> nn.Module:
