@@ -377,7 +377,7 @@ class Pipeline:
               table, "",
               f"Final model ({last['name']}, saved as `{MODEL_FILE}`): {last['compression_ratio']:.1f}x smaller than "
               f"the dense fp32 model, accuracy {100 * last['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% "
-              f"({summary['accuracy_drop_points']:+.2f} points lost)."]
+              f"({summary['accuracy_drop_points']:.2f} points lost)."]
         if cfg.latency:
             md.append(f"Latency vs dense: {summary['speedup_b1']:.2f}x at batch 1, {summary['speedup_b256']:.2f}x at "
                       f"batch 256.")
