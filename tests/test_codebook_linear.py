@@ -45,7 +45,7 @@ def _tol(dtype):
 @pytest.mark.parametrize("k,packed", [(1, False), (2, True), (2, False), (16, True), (16, False), (17, False),
                                       (32, False), (33, False), (256, False), (5, True)])
 @pytest.mark.parametrize("batch", [1, 3, 9, 40])
-@pytest.mark.parametrize("in_f", [1, 31, 97])
+@pytest.mark.parametrize("in_f", [1, 31, 97, 300])
 def test_forward_matches_reference(device, k, packed, batch, in_f):
     for dtype in (torch.float32, torch.float64):
         x, ind, cb, b, idx = sample_inputs(device, dtype, (batch,), in_f, 13, k, packed, seed=batch * 7 + in_f)

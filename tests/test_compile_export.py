@@ -11,13 +11,11 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -34,22 +32,6 @@ def _fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def _codebook_missing():
-    try:
-        CodebookLinear(4, 3, num_clusters=4)
-    except NotImplementedError:
-        return True
-    return False
-
-
-needs_codebook_module = pytest.mark.skipif(_codebook_missing(), reason="CodebookLinear not implemented yet")
-
-
-def _needs(module):
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} not present yet")
 
 
 # --------------------------------------------------------------------------- samples
@@ -81,9 +63,9 @@ def _sample_ops(requires_grad=True, batch=(3, 5)):
 SAMPLE_NAMES = [s[0] for s in _sample_ops()]
 
 
-def _clone(args):
-    return tree_map(lambda a: a.detach().clone().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a,
-                    args)
+def _clone(args, keep_requires_grad=True):
+    return tree_map(lambda a: a.detach().clone().requires_grad_(keep_requires_grad and a.requires_grad)
+                    if isinstance(a, torch.Tensor) else a, args)
 
 
 def _run(fn, args):
@@ -139,7 +121,12 @@ class _RecordTorchslimOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "torchslim":
-            self.calls.append((func, _clone(args), _clone(kwargs)))
+            # Inputs keep requires_grad only where autograd could record the call: backward
+            # ops run with grad mode off (opcheck then tests them as non-differentiable).
+            keep = torch.is_grad_enabled()
+            with torch.inference_mode(False):  # normal tensors even when recorded in inference mode
+                args, kwargs = _clone(args, keep), _clone(kwargs, keep)
+            self.calls.append((func, args, kwargs))
         return func(*args, **kwargs)
 
 
@@ -148,17 +135,30 @@ def _registered_torchslim_ops():
 
 
 def _recorded_calls():
+    """Every torchslim op call made by the functional ops (forward and backward) and by the
+    modules (training, no_grad and inference_mode paths)."""
     rec = _RecordTorchslimOps()
     for _, fn, args in _sample_ops(batch=(2, 3)):
         with rec:
             _run(fn, _clone(args))
+    torch.manual_seed(0)
+    for _, make in _module_cases():
+        layer = make()
+        x = torch.randn(2, 3, 7)
+        with rec:
+            _run(layer, (x.clone().requires_grad_(),))
+            with torch.no_grad():
+                layer(x)
+            with torch.inference_mode():
+                layer(x)
+    with rec:
+        _run(lambda s: KDLoss(2.0, 0.5)(s, torch.randn(4, 9), torch.tensor([0, 3, 8, 1])), (torch.randn(4, 9).requires_grad_(),))
     return rec.calls
 
 
 def test_every_registered_op_is_exercised():
     registered = _registered_torchslim_ops()
-    if not registered:
-        pytest.skip("no torchslim ops registered yet")
+    assert registered, "no torchslim ops are registered"
     seen = {call[0]._schema.name for call in _recorded_calls()}
     unchecked = [n for n in registered if n not in seen]
     assert not unchecked, f"registered ops never reached through torchslim.ops (add samples for them): {unchecked}"
@@ -166,8 +166,6 @@ def test_every_registered_op_is_exercised():
 
 def test_opcheck_every_op():
     calls = _recorded_calls()
-    if not _registered_torchslim_ops():
-        pytest.skip("no torchslim ops registered yet")
     checked = set()
     for func, args, kwargs in calls:
         key = (str(func), tuple(a.shape if isinstance(a, torch.Tensor) else a for a in args))
@@ -182,17 +180,16 @@ def test_opcheck_every_op():
 
 
 def _module_cases():
-    cases = [("masked", lambda: MaskedSparseLinear.from_dense(nn.Linear(7, 6), mask=torch.rand(6, 7) < 0.5))]
-    if not _codebook_missing():
-        cases.append(("codebook_packed", lambda: CodebookLinear.from_dense(nn.Linear(7, 6), num_clusters=16)))
-        cases.append(("codebook_unpacked", lambda: CodebookLinear.from_dense(nn.Linear(7, 6), num_clusters=40)))
+    # Two densities: layers may take a sparse path for very sparse masks and a dense one otherwise.
+    cases = [("masked", lambda: MaskedSparseLinear.from_dense(nn.Linear(7, 6), mask=torch.rand(6, 7) < 0.6)),
+             ("masked_sparse", lambda: MaskedSparseLinear.from_dense(nn.Linear(7, 6), mask=torch.rand(6, 7) < 0.15))]
+    cases.append(("codebook_packed", lambda: CodebookLinear.from_dense(nn.Linear(7, 6), num_clusters=16)))
+    cases.append(("codebook_unpacked", lambda: CodebookLinear.from_dense(nn.Linear(7, 6), num_clusters=40)))
     return cases
 
 
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_module_compile_fullgraph_matches_eager(kind):
-    if kind.startswith("codebook") and _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     torch.manual_seed(0)
     layer = dict(_module_cases())[kind]()
     x = torch.randn(3, 5, 7)
@@ -242,16 +239,14 @@ def test_export_compressed_model_keeps_torchslim_ops():
     """torch.export of a model with torchslim layers: the ops stay as single graph nodes."""
     torch.manual_seed(0)
     layers = [MaskedSparseLinear.from_dense(nn.Linear(8, 12), mask=torch.rand(12, 8) < 0.5), nn.ReLU()]
-    if not _codebook_missing():
-        layers.append(CodebookLinear.from_dense(nn.Linear(12, 4), num_clusters=16))
+    layers.append(CodebookLinear.from_dense(nn.Linear(12, 4), num_clusters=16))
     model = nn.Sequential(*layers).eval()
     x = torch.randn(5, 8)
     ep = torch.export.export(model, (x,))
     x2 = torch.randn(5, 8)
     torch.testing.assert_close(ep.module()(x2), model(x2))
-    if _registered_torchslim_ops():
-        targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-        assert any(t.startswith("torchslim.") for t in targets), targets
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert "torchslim.masked_linear.default" in targets and "torchslim.codebook_linear.default" in targets, targets
 
 
 # --------------------------------------------------------------------------- to_dense / ONNX
@@ -274,19 +269,14 @@ def _pruned_shared_mlp():
     return nn.Sequential(body, head).eval()
 
 
-def _dense_or_skip():
-    _needs("torchslim.io")
-    _needs("torchslim.prune")
-    _needs("torchslim.share")
-    if _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
+def _compressed_and_dense():
     model = _pruned_shared_mlp()
     assert isinstance(model[0][0], CodebookLinear) and model[0][0].codebook is model[0][2].codebook
     return model, torchslim.to_dense(model)
 
 
 def test_to_dense_gives_plain_linear_with_equal_outputs():
-    model, dense = _dense_or_skip()
+    model, dense = _compressed_and_dense()
     kinds = [type(m) for m in dense.modules()]
     assert not any(issubclass(k, (MaskedSparseLinear, CodebookLinear)) for k in kinds), kinds
     linears = [m for m in dense.modules() if isinstance(m, nn.Linear)]
@@ -318,7 +308,7 @@ def test_onnx_export_of_dense_model(tmp_path):
     onnx = pytest.importorskip("onnx")
     from onnx.reference import ReferenceEvaluator
 
-    model, dense = _dense_or_skip()
+    model, dense = _compressed_and_dense()
     path = os.fspath(tmp_path / "model.onnx")
     _export_onnx(dense, torch.randn(3, 12), path)
     proto = onnx.load(path)

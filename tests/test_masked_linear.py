@@ -230,6 +230,9 @@ def test_opcheck():
     torch.library.opcheck(ops._masked_spmm.default, (x, values, row_ptr, col_idx, b), test_utils=checks)
     torch.library.opcheck(ops._masked_sddmm.default, (torch.randn(5, 10), x, row_ptr, col_idx), test_utils=checks)
     torch.library.opcheck(ops._masked_structure.default, (mask,), test_utils=("test_schema",))
+    for need in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(ops._masked_backward.default,
+                              (torch.randn(5, 10), x, w, row_ptr, col_idx, t_row_ptr, t_col_idx, *need), test_utils=checks)
 
 
 def test_torch_compile_functional():

@@ -276,8 +276,18 @@ def test_nan_weights_rejected():
         magnitude_prune(model, 0.5)
     with pytest.raises(ValueError, match=r"model.*'2'.*NaN"):
         prune_neurons(model, 0.5)
-    # only the selected layers matter
+    # only the selected layers matter, and only their kept weights
     magnitude_prune(model, 0.5, include=["0"])
+    model = mlp()
+    magnitude_prune(model, 0.5)
+    with torch.no_grad():
+        model[2].weight[~model[2].mask] = float("nan")
+    magnitude_prune(model, 0.6)
+    assert not torch.isnan(model(torch.randn(2, 12))).any()
+    with torch.no_grad():
+        model[2].weight[model[2].mask.nonzero()[0].tolist()] = float("nan")
+    with pytest.raises(ValueError, match=r"model.*'2'.*NaN"):
+        magnitude_prune(model, 0.7)
 
 
 def test_gradual_pruner_bad_arguments():

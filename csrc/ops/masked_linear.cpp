@@ -26,8 +26,8 @@
 #include "ops/registration.h"
 
 #ifdef TORCHSLIM_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include "kernels/cuda/masked_linear.h"
 #endif
@@ -218,18 +218,14 @@ Tensor transpose_out(const Tensor& yt, int64_t B) {
   return y;
 }
 
-// y2d [B, N] = x2d [B, K] @ S^T + bias, S the [N, K] CSR (values in the accumulation dtype).
-Tensor spmm_cpu(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
-                const std::optional<Tensor>& bias) {
-  const at::ScalarType dtype = x2d.scalar_type();
-  const at::ScalarType acc = acc_type(dtype);
-  const int64_t B = x2d.size(0), K = x2d.size(1);
+// y [B, N] (accumulation dtype) = x @ S^T + bias from x (accumulation dtype, contiguous
+// [B, K]) and, for B > 1, its padded transpose xt [K, nbp].
+Tensor spmm_acc(const Tensor& x, const Tensor& xt, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+                const Tensor& b) {
+  const at::ScalarType acc = x.scalar_type();
+  const int64_t B = x.size(0), K = x.size(1);
   const int64_t N = row_ptr.size(0) - 1;
   const int64_t nnz = col_idx.size(0);
-  if (B == 0 || N == 0) return at::empty({B, N}, x2d.options());
-  Tensor b;
-  if (bias.has_value() && bias->defined()) b = (bias->scalar_type() == acc ? *bias : bias->to(acc)).contiguous();
-  const Tensor x = (dtype == acc ? x2d : x2d.to(acc)).contiguous();
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   Tensor y;
   if (B == 1) {
@@ -246,8 +242,7 @@ Tensor spmm_cpu(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, 
       });
     });
   } else {
-    const int64_t nbp = round_up(B, mk::kBatchPad);
-    const Tensor xt = transpose_in(x, acc, nbp);
+    const int64_t nbp = xt.size(1);
     Tensor yt = at::empty({N, nbp}, xt.options());
     with_acc(acc, [&](auto zero) {
       using T = decltype(zero);
@@ -274,33 +269,76 @@ Tensor spmm_cpu(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, 
       });
     });
   });
-  return dtype == acc ? y : y.to(dtype);
+  return y;
+}
+
+Tensor to_acc_contiguous(const Tensor& t) {
+  const at::ScalarType acc = acc_type(t.scalar_type());
+  return (t.scalar_type() == acc ? t : t.to(acc)).contiguous();
+}
+
+// y2d [B, N] = x2d [B, K] @ S^T + bias, S the [N, K] CSR (values in the accumulation dtype).
+Tensor spmm_cpu(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+                const std::optional<Tensor>& bias) {
+  const at::ScalarType dtype = x2d.scalar_type();
+  const int64_t B = x2d.size(0);
+  const int64_t N = row_ptr.size(0) - 1;
+  if (B == 0 || N == 0) return at::empty({B, N}, x2d.options());
+  Tensor b;
+  if (bias.has_value() && bias->defined()) b = to_acc_contiguous(*bias);
+  const Tensor x = to_acc_contiguous(x2d);
+  const Tensor xt = B == 1 ? Tensor() : transpose_in(x, x.scalar_type(), round_up(B, mk::kBatchPad));
+  const Tensor y = spmm_acc(x, xt, values, row_ptr, col_idx, b);
+  return y.scalar_type() == dtype ? y : y.to(dtype);
+}
+
+// Both gradients of the sparse layer from one transpose of grad_output (and of input).
+std::tuple<Tensor, Tensor> backward_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& weight,
+                                        const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr,
+                                        const Tensor& t_col_idx, bool need_input, bool need_weight) {
+  const at::ScalarType dtype = x2d.scalar_type();
+  const int64_t B = x2d.size(0), K = x2d.size(1), N = g2d.size(1);
+  Tensor grad_input = at::empty({0}, x2d.options()), grad_weight = at::empty({0}, x2d.options());
+  if (B == 0) {
+    if (need_input) grad_input = at::zeros({0, K}, x2d.options());
+    if (need_weight) grad_weight = at::zeros({N, K}, x2d.options());
+    return {grad_input, grad_weight};
+  }
+  const int64_t nbp = round_up(B, mk::kBatchPad);
+  const Tensor g = to_acc_contiguous(g2d);
+  const Tensor gt = (B == 1 && !need_weight) ? Tensor() : transpose_in(g, g.scalar_type(), nbp);
+  if (need_input) {
+    const Tensor values_t = gather_cpu(weight, t_row_ptr, t_col_idx, true);
+    const Tensor dx = spmm_acc(g, gt, values_t, t_row_ptr, t_col_idx, Tensor());
+    grad_input = dx.scalar_type() == dtype ? dx : dx.to(dtype);
+  }
+  if (need_weight) {
+    if (col_idx.size(0) == 0) {
+      grad_weight = at::zeros({N, K}, x2d.options());
+    } else {
+      const Tensor xt = transpose_in(to_acc_contiguous(x2d), g.scalar_type(), nbp);
+      Tensor dw = at::empty({N, K}, xt.options());
+      const int32_t* rp = row_ptr.data_ptr<int32_t>();
+      with_acc(g.scalar_type(), [&](auto zero) {
+        using T = decltype(zero);
+        const T* xp = xt.data_ptr<T>();
+        const T* gp = gt.data_ptr<T>();
+        T* dp = dw.data_ptr<T>();
+        with_index(col_idx, [&](auto* ci) {
+          at::parallel_for(0, N, grain_rows(col_idx.size(0), N, nbp), [&](int64_t r0, int64_t r1) {
+            mk::sddmm_t(gp, nbp, xp, nbp, nbp, rp, ci, dp, K, K, r0, r1);
+          });
+        });
+      });
+      grad_weight = dw.scalar_type() == dtype ? dw : dw.to(dtype);
+    }
+  }
+  return {grad_input, grad_weight};
 }
 
 // dW [N, K] (dtype of x2d): dW[r, c] = sum_b g2d[b, r] x2d[b, c] where S has (r, c), else 0.
 Tensor sddmm_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, const Tensor& col_idx) {
-  const at::ScalarType dtype = x2d.scalar_type();
-  const at::ScalarType acc = acc_type(dtype);
-  const int64_t B = x2d.size(0), K = x2d.size(1), N = g2d.size(1);
-  const int64_t nnz = col_idx.size(0);
-  if (B == 0 || nnz == 0) return at::zeros({N, K}, x2d.options());
-  const int64_t nbp = round_up(B, mk::kBatchPad);
-  const Tensor xt = transpose_in(x2d, acc, nbp);
-  const Tensor gt = transpose_in(g2d, acc, nbp);
-  Tensor dw = at::empty({N, K}, xt.options());
-  const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  with_acc(acc, [&](auto zero) {
-    using T = decltype(zero);
-    const T* xp = xt.data_ptr<T>();
-    const T* gp = gt.data_ptr<T>();
-    T* dp = dw.data_ptr<T>();
-    with_index(col_idx, [&](auto* ci) {
-      at::parallel_for(0, N, grain_rows(nnz, N, nbp) + 0, [&](int64_t r0, int64_t r1) {
-        mk::sddmm_t(gp, nbp, xp, nbp, nbp, rp, ci, dp, K, K, r0, r1);
-      });
-    });
-  });
-  return dtype == acc ? dw : dw.to(dtype);
+  return std::get<1>(backward_cpu(g2d, x2d, Tensor(), row_ptr, col_idx, Tensor(), Tensor(), false, true));
 }
 
 // ---------------------------------------------------------------- dense fallback rule
@@ -322,6 +360,13 @@ Tensor lead_reshape(const Tensor& y2d, const Tensor& input, int64_t last) {
 }
 
 #ifdef TORCHSLIM_WITH_CUDA
+// The current CUDA stream of `device` as a cudaStream_t (void*), through the device-generic
+// guard interface so that the glue needs no CUDA header.
+void* current_stream(const at::Device& device) {
+  const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(device);
+  return stream.native_handle();
+}
+
 // CUDA structure from ATen ops: nonzero() lists entries in row-major order, which is CSR order.
 std::tuple<Tensor, Tensor> build_structure_cuda(const Tensor& mask, bool transposed) {
   const Tensor m = transposed ? mask.t() : mask;
@@ -356,32 +401,32 @@ cuda::masked::DType cuda_dtype(at::ScalarType t) {
   }
 }
 
-Tensor spmm_cuda(const Tensor& x2d_in, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+Tensor spmm_cuda(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                  const std::optional<Tensor>& bias) {
-  const c10::cuda::CUDAGuard guard(x2d_in.device());
-  const Tensor x = x2d_in.contiguous();
-  const int64_t B = x.size(0), K = x.size(1), N = row_ptr.size(0) - 1;
-  Tensor y = at::empty({B, N}, x.options());
-  if (B == 0 || N == 0) return y;
+  const c10::DeviceGuard guard(x2d.device());
+  const int64_t B = x2d.size(0), N = row_ptr.size(0) - 1;
+  if (B == 0 || N == 0) return at::empty({B, N}, x2d.options());
   Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  cuda::masked::spmm(cuda_dtype(x.scalar_type()), x.data_ptr(), B, K, values.data_ptr(),
-                     row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
-                     b.defined() ? b.data_ptr() : nullptr, y.data_ptr(), N,
-                     at::cuda::getCurrentCUDAStream().stream());
-  return y;
+  // Batch contiguous: X^T [K, B] (for B == 1 that is x itself), Y^T [N, B].
+  const Tensor xt = B == 1 ? x2d.contiguous() : x2d.t().contiguous();
+  Tensor yt = at::empty({N, B}, x2d.options());
+  cuda::masked::spmm_t(cuda_dtype(x2d.scalar_type()), xt.data_ptr(), B, values.data_ptr(), row_ptr.data_ptr<int32_t>(),
+                       col_idx.data_ptr(), col_idx.scalar_type() == at::kShort, b.defined() ? b.data_ptr() : nullptr,
+                       yt.data_ptr(), N, current_stream(x2d.device()));
+  return B == 1 ? yt.view({1, N}) : yt.t().contiguous();
 }
 
-Tensor sddmm_cuda(const Tensor& g2d_in, const Tensor& x2d_in, const Tensor& row_ptr, const Tensor& col_idx) {
-  const c10::cuda::CUDAGuard guard(x2d_in.device());
-  const Tensor x = x2d_in.contiguous();
-  const Tensor g = g2d_in.contiguous();
-  const int64_t B = x.size(0), K = x.size(1), N = g.size(1);
-  Tensor dw = at::zeros({N, K}, x.options());
+Tensor sddmm_cuda(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, const Tensor& col_idx) {
+  const c10::DeviceGuard guard(x2d.device());
+  const int64_t B = x2d.size(0), K = x2d.size(1), N = g2d.size(1);
+  Tensor dw = at::zeros({N, K}, x2d.options());
   if (B == 0 || col_idx.size(0) == 0) return dw;
-  cuda::masked::sddmm(cuda_dtype(x.scalar_type()), g.data_ptr(), x.data_ptr(), B, K, N,
-                      row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
-                      dw.data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+  const Tensor xt = x2d.t().contiguous();
+  const Tensor gt = g2d.t().contiguous();
+  cuda::masked::sddmm_t(cuda_dtype(x2d.scalar_type()), gt.data_ptr(), xt.data_ptr(), B, N, K,
+                        row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
+                        dw.data_ptr(), current_stream(x2d.device()));
   return dw;
 }
 #endif
@@ -547,6 +592,45 @@ Tensor masked_sddmm(const Tensor& grad_output, const Tensor& input, const Tensor
   return sddmm_any(g2d, x2d, row_ptr, col_idx);
 }
 
+std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                           const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr,
+                                           const Tensor& t_col_idx, bool need_input, bool need_weight) {
+  TORCH_CHECK(weight.dim() == 2 && is_floating(weight.scalar_type()),
+              "_masked_backward: weight must be a 2-D floating tensor, got ", weight.scalar_type(), " of shape ",
+              weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type() && grad_output.scalar_type() == weight.scalar_type(),
+              "_masked_backward: grad_output, input and weight must share a dtype, got ", grad_output.scalar_type(), ", ",
+              input.scalar_type(), ", ", weight.scalar_type());
+  TORCH_CHECK(input.device() == weight.device() && grad_output.device() == weight.device(),
+              "_masked_backward: grad_output, input and weight must be on one device");
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == K, "_masked_backward: input.shape[-1] must be in_features (", K,
+              "), got shape ", input.sizes());
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N,
+              "_masked_backward: grad_output.shape[-1] must be out_features (", N, "), got shape ", grad_output.sizes());
+  check_structure("_masked_backward", row_ptr, col_idx, input.device());
+  check_structure("_masked_backward", t_row_ptr, t_col_idx, input.device());
+  TORCH_CHECK(row_ptr.size(0) == N + 1 && t_row_ptr.size(0) == K + 1 && col_idx.size(0) == t_col_idx.size(0),
+              "_masked_backward: structure does not match weight of shape ", weight.sizes());
+  const Tensor x2d = input.reshape({-1, K});
+  const Tensor g2d = grad_output.reshape({-1, N});
+  TORCH_CHECK(x2d.size(0) == g2d.size(0), "_masked_backward: input and grad_output must have the same number of rows");
+  Tensor gi, gw;
+#ifdef TORCHSLIM_WITH_CUDA
+  if (input.is_cuda()) {
+    gi = at::empty({0}, input.options());
+    gw = at::empty({0}, input.options());
+    if (need_input) gi = spmm_cuda(g2d, gather_cuda(weight, t_row_ptr, t_col_idx, true), t_row_ptr, t_col_idx, std::nullopt);
+    if (need_weight) gw = sddmm_cuda(g2d, x2d, row_ptr, col_idx);
+  } else
+#endif
+  {
+    std::tie(gi, gw) = backward_cpu(g2d, x2d, weight, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight);
+  }
+  if (need_input) gi = lead_reshape(gi, input, K);
+  return {gi, gw};
+}
+
 }  // namespace
 
 void define_masked_linear_ops(torch::Library& m) {
@@ -557,6 +641,8 @@ void define_masked_linear_ops(torch::Library& m) {
   m.def("_masked_gather(Tensor weight, Tensor row_ptr, Tensor col_idx, bool transposed) -> Tensor");
   m.def("_masked_spmm(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias=None) -> Tensor");
   m.def("_masked_sddmm(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx) -> Tensor");
+  m.def("_masked_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor row_ptr, Tensor col_idx, "
+        "Tensor t_row_ptr, Tensor t_col_idx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
@@ -567,6 +653,7 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
   m.impl("_masked_sddmm", &masked_sddmm);
+  m.impl("_masked_backward", &masked_backward);
 }
 
 #ifdef TORCHSLIM_WITH_CUDA
@@ -578,6 +665,7 @@ TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
   m.impl("_masked_sddmm", &masked_sddmm);
+  m.impl("_masked_backward", &masked_backward);
 }
 #endif
 

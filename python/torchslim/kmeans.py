@@ -2,9 +2,10 @@
 
 The values are sorted once; in one dimension every k-means cluster is then a contiguous run
 of the sorted array, bounded by the midpoints between neighbouring centroids. A Lloyd step
-therefore costs ``K`` binary searches (``torch.searchsorted``) plus ``K`` differences of a
+therefore costs ``K`` binary searches (``numpy.searchsorted``) plus ``K`` differences of a
 float64 prefix-sum array, independent of the number of values, and the whole fit is
-dominated by the single sort (done with NumPy on the CPU).
+dominated by the single sort and the final labelling pass (NumPy, on the CPU; tensors on
+another device are copied over and the labels copied back).
 
 Initialisations (Han et al., "Deep Compression", section 3.1, compare the first three):
 - ``"linear"``: centroids evenly spaced between the minimum and the maximum (the paper's
@@ -32,17 +33,24 @@ INITS = ("linear", "density", "kmeans++", "random")
 _KMEANSPP_SAMPLE = 65536
 
 
-@dataclass
+@dataclass(eq=False)
 class KMeansResult:
     """``centroids``: float64 [K], ascending. ``labels``: int64, same shape as the input,
-    index of each value's nearest centroid. ``inertia``: sum of squared errors.
-    ``iterations``: Lloyd steps run. ``converged``: the assignment stopped changing."""
+    index of each value's nearest centroid (None when not asked for). ``inertia``: sum of
+    squared errors, computed on first access (until then the result holds the sorted
+    values). ``iterations``: Lloyd steps run. ``converged``: the assignment stopped changing."""
 
     centroids: torch.Tensor
-    labels: torch.Tensor
-    inertia: float
+    labels: torch.Tensor | None
+    _inertia: object  # float, or a callable computing it on first use
     iterations: int
     converged: bool
+
+    @property
+    def inertia(self) -> float:
+        if callable(self._inertia):
+            self._inertia = float(self._inertia())
+        return self._inertia
 
 
 def _check_args(values, num_clusters, init, max_iter):
@@ -146,14 +154,15 @@ class _Sorted:
 
 
 def kmeans_1d(values: torch.Tensor, num_clusters: int, init: str = "linear", seed: int = 0,
-              max_iter: int = 300) -> KMeansResult:
+              max_iter: int = 300, return_labels: bool = True) -> KMeansResult:
     """Cluster the entries of ``values`` (any shape, any device) into ``num_clusters``.
 
     Lloyd iterations run on the sorted values until the assignment stops changing or after
     ``max_iter`` steps (with many clusters on smooth data Lloyd converges slowly; "kmeans++"
     starts closest to the optimum). The work is done on the CPU; ``labels`` come back on the
     device of ``values``. Raises ValueError for NaN/inf, an empty tensor, ``num_clusters`` < 1
-    or an unknown ``init``.
+    or an unknown ``init``. ``return_labels=False`` skips the final labelling pass (use
+    ``assign`` later, e.g. against the codebook once cast to the layer's dtype).
     """
     _check_args(values, num_clusters, init, max_iter)
     k = num_clusters
@@ -163,17 +172,19 @@ def kmeans_1d(values: torch.Tensor, num_clusters: int, init: str = "linear", see
     x = np.sort(flat)
 
     def result(c, labels, inertia, it, conv):
-        lab = torch.from_numpy(labels.astype(np.int64, copy=False)).view(values.shape).to(values.device)
+        lab = None
+        if return_labels:
+            lab = torch.from_numpy(labels().astype(np.int64, copy=False)).view(values.shape).to(values.device)
         return KMeansResult(torch.from_numpy(np.ascontiguousarray(c, dtype=np.float64)), lab, inertia, it, conv)
 
     distinct = int(np.count_nonzero(x[1:] != x[:-1])) + 1
     if distinct <= k:
         c = np.unique(x).astype(np.float64)
         # searchsorted(side="left") maps a value equal to c[i] to i: exact, zero error.
-        labels = np.searchsorted(c.astype(x.dtype), flat, side="left")
+        distinct_values = c.astype(x.dtype)
         if c.size < k:
             c = np.concatenate([c, np.full(k - c.size, c[-1])])
-        return result(c, labels, 0.0, 0, True)
+        return result(c, lambda: np.searchsorted(distinct_values, flat, side="left"), 0.0, 0, True)
 
     data = _Sorted(x)
     c = np.sort(_initial_centroids(x, k, init, seed))
@@ -197,10 +208,13 @@ def kmeans_1d(values: torch.Tensor, num_clusters: int, init: str = "linear", see
     cnt, sm = data.stats(s, e)
     c = np.sort(np.where(cnt == 0, c, sm / np.maximum(cnt, 1)))
     s, e = data.segments(c)
-    resid = x - np.repeat(c, e - s).astype(x.dtype)
-    inertia = float(np.dot(resid.astype(np.float64), resid.astype(np.float64)))
-    labels = np.searchsorted(data.bounds(c), flat, side="right")
-    return result(c, labels, inertia, it, converged)
+    cnt, sm = data.stats(s, e)
+
+    def inertia():
+        return np.maximum(data.q[e] - data.q[s] - 2 * c * sm + cnt * c * c, 0.0).sum()
+
+    bounds = data.bounds(c)
+    return result(c, lambda: np.searchsorted(bounds, flat, side="right"), inertia, it, converged)
 
 
 def _reseed_empty(data: _Sorted, c: np.ndarray, s, e, empty) -> np.ndarray:

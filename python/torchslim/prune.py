@@ -127,7 +127,10 @@ def _select_linears(model: nn.Module, include) -> list[tuple[str, nn.Module]]:
 
 def _check_finite_weights(layers: Iterable[tuple[str, nn.Module]]) -> None:
     for name, module in layers:
-        if torch.isnan(module.weight.detach()).any():
+        w = module.weight.detach()
+        if isinstance(module, MaskedSparseLinear):  # masked-out entries never reach the output
+            w = w[module.mask]
+        if torch.isnan(w).any():
             raise ValueError(f"model: the weight of layer {name!r} contains NaN")
 
 

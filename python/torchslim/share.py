@@ -130,7 +130,7 @@ def _cluster_global(targets, num_clusters, init, seed, max_iter):
     kept = torch.cat([(w[mask] if mask is not None else w.reshape(-1)).cpu() for _, _, w, _, mask in parts])
     free = num_clusters - 1 if pinned else num_clusters
     if kept.numel() > 0:
-        centroids = kmeans_1d(kept, free, init=init, seed=seed, max_iter=max_iter).centroids
+        centroids = kmeans_1d(kept, free, init=init, seed=seed, max_iter=max_iter, return_labels=False).centroids
     else:
         centroids = torch.zeros(free, dtype=torch.float64)
     if pinned:
@@ -139,8 +139,8 @@ def _cluster_global(targets, num_clusters, init, seed, max_iter):
     shared = nn.Parameter(centroids.to(device=device, dtype=dtype))
     out = []
     for name, m, w, bias, mask in parts:
-        layer = CodebookLinear(m.in_features, m.out_features, num_clusters=num_clusters, bias=bias is not None,
-                               zero_pinned=pinned, device=device, dtype=dtype)
+        layer = CodebookLinear._uninitialized(m.in_features, m.out_features, num_clusters, bias is not None,
+                                              pinned, device, dtype)
         layer.codebook = shared
         if bias is not None:
             with torch.no_grad():

@@ -20,6 +20,7 @@
 #include "kernels/cpu/codebook_linear.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -238,10 +239,11 @@ inline void drive_gemv(const CodebookIndices& w, const float* table, const float
                        const float* bias, float* y, int64_t o0, int64_t o1, int64_t vec_cols, int R,
                        RowsFn&& rows) {
   float sums[8 * 4];
-  for (int64_t b0 = 0; b0 < batch; b0 += 4) {
-    const int nb = static_cast<int>(std::min<int64_t>(4, batch - b0));
-    for (int64_t o = o0; o < o1; o += R) {
-      const int nr = static_cast<int>(std::min<int64_t>(R, o1 - o));
+  // Rows outer, batch groups inner: the R index rows stay in L1 across the batch groups.
+  for (int64_t o = o0; o < o1; o += R) {
+    const int nr = static_cast<int>(std::min<int64_t>(R, o1 - o));
+    for (int64_t b0 = 0; b0 < batch; b0 += 4) {
+      const int nb = static_cast<int>(std::min<int64_t>(4, batch - b0));
       rows(nb, nr, o, b0, sums);
       for (int r = 0; r < nr; ++r) {
         const uint8_t* row = w.idx + (o + r) * w.ld;
@@ -380,6 +382,165 @@ TS_AVX512 void avx512_gemv(const D& dec, const CodebookIndices& w, const float* 
              });
 }
 
+// ---------------------------------------------------------------- AVX-512 VBMI (K > 32)
+// Byte-plane lookup from a 256-entry table held in 16 zmm registers: plane q (byte q of
+// every fp32 entry) is 4 registers; vpermt2b looks up 64 indices in entries 0..127 and
+// 128..255 (7 index bits), a blend on bit 7 picks; byte / word unpacks rebuild the fp32
+// words. Within each 128-bit lane l the unpacks yield, in vector f_q, the elements
+// 16 l + 4 q + t (t = 0..3), so x is rearranged once per call to that order.
+// TORCHSLIM_CODEBOOK_GATHER=1 forces the gather path (benchmarks compare the two).
+bool gather_forced() {
+  static const bool v = std::getenv("TORCHSLIM_CODEBOOK_GATHER") != nullptr;
+  return v;
+}
+
+bool has_vbmi() {
+  if (gather_forced()) return false;
+  static const bool v = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") != 0;
+  }();
+  return v;
+}
+
+struct VbmiTable {
+  __m512i p[4][4];
+};
+
+TS_AVX512VBMI void vbmi_load_table(const float* table, VbmiTable& t) {
+  alignas(64) uint8_t planes[4][256];
+  for (int k = 0; k < 256; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, table + k, 4);
+    for (int q = 0; q < 4; ++q) planes[q][k] = static_cast<uint8_t>(bits >> (8 * q));
+  }
+  for (int q = 0; q < 4; ++q)
+    for (int r = 0; r < 4; ++r) t.p[q][r] = _mm512_load_si512(planes[q] + 64 * r);
+}
+
+template <int NB>
+TS_AVX512VBMI void vbmi_row(const VbmiTable& t, const uint8_t* row, int64_t steps, const float* xs, int64_t xld,
+                            float* sums) {
+  __m512 acc[NB][2];
+  for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < steps; ++s) {
+    const __m512i v = _mm512_loadu_si512(row + s * 64);
+    const __mmask64 hi = _mm512_movepi8_mask(v);
+    __m512i pl[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m512i a = _mm512_permutex2var_epi8(t.p[q][0], v, t.p[q][1]);
+      const __m512i c = _mm512_permutex2var_epi8(t.p[q][2], v, t.p[q][3]);
+      pl[q] = _mm512_mask_blend_epi8(hi, a, c);
+    }
+    const __m512i a_lo = _mm512_unpacklo_epi8(pl[0], pl[1]);
+    const __m512i a_hi = _mm512_unpackhi_epi8(pl[0], pl[1]);
+    const __m512i b_lo = _mm512_unpacklo_epi8(pl[2], pl[3]);
+    const __m512i b_hi = _mm512_unpackhi_epi8(pl[2], pl[3]);
+    __m512 f[4];
+    f[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(a_lo, b_lo));
+    f[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(a_lo, b_lo));
+    f[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(a_hi, b_hi));
+    f[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(a_hi, b_hi));
+    for (int b = 0; b < NB; ++b) {
+      const float* xb = xs + b * xld + s * 64;
+      for (int q = 0; q < 4; ++q) acc[b][q & 1] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xb + 16 * q), acc[b][q & 1]);
+    }
+  }
+  for (int b = 0; b < NB; ++b) sums[b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+}
+
+TS_AVX512VBMI void vbmi_gemv(const CodebookIndices& w, const float* table, const float* x, const float* xs,
+                             int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1) {
+  VbmiTable t;
+  vbmi_load_table(table, t);
+  const int64_t steps = w.in / 64;
+  const int64_t xld = steps * 64;
+  drive_gemv(w, table, x, batch, bias, y, o0, o1, xld, 1, [&](int nb, int, int64_t o, int64_t b0, float* sums) {
+    const uint8_t* row = w.idx + o * w.ld;
+    const float* xb = xs + b0 * xld;
+    switch (nb) {
+      case 1: vbmi_row<1>(t, row, steps, xb, xld, sums); break;
+      case 2: vbmi_row<2>(t, row, steps, xb, xld, sums); break;
+      case 3: vbmi_row<3>(t, row, steps, xb, xld, sums); break;
+      default: vbmi_row<4>(t, row, steps, xb, xld, sums); break;
+    }
+  });
+}
+
+// Packed 4-bit, AVX-512, 128 weights per step without any index widening: 64 index bytes
+// are one zmm; as 16 dwords, dword i holds the nibbles of weights 8i .. 8i+7, and vpermps
+// reads only the low 4 bits of each dword, so vpermps(d >> 4k) decodes the 16 weights
+// 8i + k. x is rearranged once per call so that step s, k holds x[128 s + 8 i + k].
+// Leftover 32-weight steps use the widen + even/odd decode.
+template <int R, int NB>
+TS_AVX512 void p128_rows(__m512 c, const uint8_t* idx, int64_t ld, int64_t n128, int64_t n32, const float* xs,
+                         int64_t xld, float* sums) {
+  __m512 acc[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < n128; ++s) {
+    __m512i d[R];
+    for (int r = 0; r < R; ++r) d[r] = _mm512_loadu_si512(idx + r * ld + s * 64);
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      __m512 xk[NB];
+      for (int b = 0; b < NB; ++b) xk[b] = _mm512_loadu_ps(xs + b * xld + s * 128 + 16 * k);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(d[r], 4 * k), c);
+        for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xk[b], acc[r][b]);
+      }
+    }
+  }
+  for (int64_t s = n128 * 4; s < n32; ++s) {
+    for (int r = 0; r < R; ++r) {
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(idx + r * ld + s * 16)));
+      const __m512 ev = _mm512_permutexvar_ps(q, c);
+      const __m512 od = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), c);
+      for (int b = 0; b < NB; ++b) {
+        acc[r][b] = _mm512_fmadd_ps(ev, _mm512_loadu_ps(xs + b * xld + s * 32), acc[r][b]);
+        acc[r][b] = _mm512_fmadd_ps(od, _mm512_loadu_ps(xs + b * xld + s * 32 + 16), acc[r][b]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) sums[r * NB + b] = _mm512_reduce_add_ps(acc[r][b]);
+}
+
+template <int R>
+TS_AVX512 void p128_dispatch(__m512 c, int nb, int nr, const uint8_t* idx, int64_t ld, int64_t n128, int64_t n32,
+                             const float* xs, int64_t xld, float* sums) {
+  if (nr == R) {
+    switch (nb) {
+      case 1: p128_rows<R, 1>(c, idx, ld, n128, n32, xs, xld, sums); return;
+      case 2: p128_rows<R, 2>(c, idx, ld, n128, n32, xs, xld, sums); return;
+      case 3: p128_rows<R, 3>(c, idx, ld, n128, n32, xs, xld, sums); return;
+      default: p128_rows<R, 4>(c, idx, ld, n128, n32, xs, xld, sums); return;
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    switch (nb) {
+      case 1: p128_rows<1, 1>(c, idx + r * ld, ld, n128, n32, xs, xld, sums + r * nb); break;
+      case 2: p128_rows<1, 2>(c, idx + r * ld, ld, n128, n32, xs, xld, sums + r * nb); break;
+      case 3: p128_rows<1, 3>(c, idx + r * ld, ld, n128, n32, xs, xld, sums + r * nb); break;
+      default: p128_rows<1, 4>(c, idx + r * ld, ld, n128, n32, xs, xld, sums + r * nb); break;
+    }
+  }
+}
+
+TS_AVX512 void p128_gemv(const CodebookIndices& w, const float* table, const float* x, const float* xs,
+                         int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1) {
+  const __m512 c = _mm512_loadu_ps(table);
+  const int64_t n128 = w.in / 128, n32 = w.in / 32, xld = n32 * 32;
+  const int R = batch == 1 ? 8 : 4;
+  drive_gemv(w, table, x, batch, bias, y, o0, o1, xld, R, [&](int nb, int nr, int64_t o, int64_t b0, float* sums) {
+    const uint8_t* idx = w.idx + o * w.ld;
+    if (R == 8)
+      p128_dispatch<8>(c, nb, nr, idx, w.ld, n128, n32, xs + b0 * xld, xld, sums);
+    else
+      p128_dispatch<4>(c, nb, nr, idx, w.ld, n128, n32, xs + b0 * xld, xld, sums);
+  });
+}
+
 TS_AVX512 void decode_packed_avx512(const CodebookIndices& w, const float* table, float* dst, int64_t ld_dst,
                                     int64_t o0, int64_t o1) {
   const __m512 c = _mm512_loadu_ps(table);
@@ -426,14 +587,26 @@ int codebook_max_index(const CodebookIndices& w, int64_t r0, int64_t r1) {
   return max_index_scalar(w, r0, r1);
 }
 
-// Prepared x: packed layouts need x split into even/odd halves per decode step.
-static int packed_step(const CodebookIndices& w) {
+// Prepared x: packed layouts need x split into even/odd halves per decode step; the VBMI
+// byte-plane path needs the unpack order of each 64-wide step.
+enum class Prep { None, EvenOdd32, EvenOdd16, Vbmi64 };
+static Prep prep_kind(const CodebookIndices& w) {
 #if defined(__x86_64__)
-  if (w.packed && simd_level() == SimdLevel::AVX512) return 32;
-  if (w.packed && simd_level() == SimdLevel::AVX2) return 16;
+  const SimdLevel lv = simd_level();
+  if (w.packed && lv == SimdLevel::AVX512) return Prep::EvenOdd32;
+  if (w.packed && lv == SimdLevel::AVX2) return Prep::EvenOdd16;
+  if (!w.packed && lv == SimdLevel::AVX512 && w.num_clusters > 32 && has_vbmi()) return Prep::Vbmi64;
 #endif
   (void)w;
-  return 0;
+  return Prep::None;
+}
+static int packed_step(const CodebookIndices& w) {
+  switch (prep_kind(w)) {
+    case Prep::EvenOdd32: return 32;
+    case Prep::EvenOdd16: return 16;
+    case Prep::Vbmi64: return 64;
+    default: return 0;
+  }
 }
 
 int64_t codebook_gemv_prepared_size(const CodebookIndices& w, int64_t batch) {
@@ -448,6 +621,31 @@ void codebook_gemv_prepare(const CodebookIndices& w, const float* x, int64_t bat
   const int half = step / 2;
   const int64_t steps = w.in / step;
   const int64_t xld = steps * step;
+  if (prep_kind(w) == Prep::EvenOdd32) {
+    const int64_t n128 = w.in / 128;
+    for (int64_t b = 0; b < batch; ++b) {
+      const float* xr = x + b * w.in;
+      float* p = prepared + b * xld;
+      for (int64_t s = 0; s < n128; ++s)
+        for (int k = 0; k < 8; ++k)
+          for (int i = 0; i < 16; ++i) p[s * 128 + 16 * k + i] = xr[s * 128 + 8 * i + k];
+      for (int64_t s = n128 * 4; s < steps; ++s)
+        for (int t = 0; t < 16; ++t) {
+          p[s * 32 + t] = xr[s * 32 + 2 * t];
+          p[s * 32 + 16 + t] = xr[s * 32 + 2 * t + 1];
+        }
+    }
+    return;
+  }
+  if (prep_kind(w) == Prep::Vbmi64) {
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t s = 0; s < steps; ++s)
+        for (int q = 0; q < 4; ++q)
+          for (int l = 0; l < 4; ++l)
+            for (int t = 0; t < 4; ++t)
+              prepared[b * xld + s * 64 + q * 16 + l * 4 + t] = x[b * w.in + s * 64 + 16 * l + 4 * q + t];
+    return;
+  }
   for (int64_t b = 0; b < batch; ++b) {
     const float* xr = x + b * w.in;
     float* p = prepared + b * xld;
@@ -463,9 +661,10 @@ const char* codebook_gemv_path(const CodebookIndices& w) {
 #if defined(__x86_64__)
   const SimdLevel lv = simd_level();
   if (lv == SimdLevel::AVX512) {
-    if (w.packed) return "avx512-permute16-packed";
+    if (w.packed) return "avx512-permute16-packed128";
     if (w.num_clusters <= 16) return "avx512-permute16";
     if (w.num_clusters <= 32) return "avx512-permute32";
+    if (has_vbmi()) return "avx512vbmi-byteplanes";
     return "avx512-gather";
   }
   if (lv == SimdLevel::AVX2) {
@@ -484,11 +683,13 @@ void codebook_gemv(const CodebookIndices& w, const float* table, const float* x,
   const SimdLevel lv = simd_level();
   if (lv == SimdLevel::AVX512) {
     if (w.packed) {
-      avx512_gemv(Avx512Packed16(table), w, table, x, prepared, (w.in / 32) * 32, batch, bias, y, o0, o1);
+      p128_gemv(w, table, x, prepared, batch, bias, y, o0, o1);
     } else if (w.num_clusters <= 16) {
       avx512_gemv(Avx512Byte16(table), w, table, x, x, w.in, batch, bias, y, o0, o1);
     } else if (w.num_clusters <= 32) {
       avx512_gemv(Avx512Byte32(table), w, table, x, x, w.in, batch, bias, y, o0, o1);
+    } else if (has_vbmi()) {
+      vbmi_gemv(w, table, x, prepared, batch, bias, y, o0, o1);
     } else {
       avx512_gemv(Avx512Gather(table), w, table, x, x, w.in, batch, bias, y, o0, o1);
     }

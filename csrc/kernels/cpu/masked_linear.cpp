@@ -78,21 +78,75 @@ void gather(const T* w, int64_t stride_r, int64_t stride_c, const int32_t* row_p
 // ---------------------------------------------------------------- transpose
 
 template <typename T>
+static void transpose_block_scalar(const T* in, int64_t ldi, int64_t r0, int64_t r1, int64_t c0, int64_t c1, T* out,
+                                   int64_t ldo) {
+  for (int64_t c = c0; c < c1; ++c) {
+    T* o = out + c * ldo;
+    for (int64_t r = r0; r < r1; ++r) o[r] = in[r * ldi + c];
+  }
+}
+
+#if defined(__x86_64__)
+// 8x8 float block: out[c + j][r + i] = in[r + i][c + j].
+TS_AVX2 static inline void transpose8x8_avx2(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  __m256 r0 = _mm256_loadu_ps(in), r1 = _mm256_loadu_ps(in + ldi), r2 = _mm256_loadu_ps(in + 2 * ldi),
+         r3 = _mm256_loadu_ps(in + 3 * ldi), r4 = _mm256_loadu_ps(in + 4 * ldi), r5 = _mm256_loadu_ps(in + 5 * ldi),
+         r6 = _mm256_loadu_ps(in + 6 * ldi), r7 = _mm256_loadu_ps(in + 7 * ldi);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+         t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+         t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2)),
+         s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2)),
+         s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2)),
+         s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(out, _mm256_permute2f128_ps(s0, s4, 0x20));
+  _mm256_storeu_ps(out + ldo, _mm256_permute2f128_ps(s1, s5, 0x20));
+  _mm256_storeu_ps(out + 2 * ldo, _mm256_permute2f128_ps(s2, s6, 0x20));
+  _mm256_storeu_ps(out + 3 * ldo, _mm256_permute2f128_ps(s3, s7, 0x20));
+  _mm256_storeu_ps(out + 4 * ldo, _mm256_permute2f128_ps(s0, s4, 0x31));
+  _mm256_storeu_ps(out + 5 * ldo, _mm256_permute2f128_ps(s1, s5, 0x31));
+  _mm256_storeu_ps(out + 6 * ldo, _mm256_permute2f128_ps(s2, s6, 0x31));
+  _mm256_storeu_ps(out + 7 * ldo, _mm256_permute2f128_ps(s3, s7, 0x31));
+}
+
+TS_AVX2 static void transpose_avx2(const float* in, int64_t ldi, int64_t rows, int64_t c0, int64_t c1, float* out,
+                                   int64_t ldo) {
+  constexpr int64_t kTile = 64;  // 64x64 tiles keep both sides in L1
+  for (int64_t ct = c0; ct < c1; ct += kTile) {
+    const int64_t cte = std::min(ct + kTile, c1);
+    for (int64_t rt = 0; rt < rows; rt += kTile) {
+      const int64_t rte = std::min(rt + kTile, rows);
+      int64_t c = ct;
+      for (; c + 8 <= cte; c += 8) {
+        int64_t r = rt;
+        for (; r + 8 <= rte; r += 8) transpose8x8_avx2(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
+        transpose_block_scalar(in, ldi, r, rte, c, c + 8, out, ldo);
+      }
+      transpose_block_scalar(in, ldi, rt, rte, c, cte, out, ldo);
+    }
+  }
+}
+#endif
+
+template <typename T>
 void transpose_pad(const T* in, int64_t ldi, int64_t rows, int64_t rows_pad, int64_t cols, T* out, int64_t ldo,
                    int64_t c0, int64_t c1) {
-  constexpr int64_t kB = 16;
-  for (int64_t cb = c0; cb < c1; cb += kB) {
-    const int64_t ce = std::min(cb + kB, c1);
-    for (int64_t rb = 0; rb < rows; rb += kB) {
-      const int64_t re = std::min(rb + kB, rows);
-      for (int64_t c = cb; c < ce; ++c) {
-        T* o = out + c * ldo;
-        for (int64_t r = rb; r < re; ++r) o[r] = in[r * ldi + c];
+  (void)cols;
+#if defined(__x86_64__)
+  if (std::is_same_v<T, float> && simd_level() != SimdLevel::Scalar) {
+    transpose_avx2(reinterpret_cast<const float*>(in), ldi, rows, c0, c1, reinterpret_cast<float*>(out), ldo);
+  } else
+#endif
+  {
+    constexpr int64_t kB = 16;
+    for (int64_t cb = c0; cb < c1; cb += kB) {
+      for (int64_t rb = 0; rb < rows; rb += kB) {
+        transpose_block_scalar(in, ldi, rb, std::min(rb + kB, rows), cb, std::min(cb + kB, c1), out, ldo);
       }
     }
-    for (int64_t c = cb; c < ce; ++c) {
-      for (int64_t r = rows; r < rows_pad; ++r) out[c * ldo + r] = T(0);
-    }
+  }
+  if (rows_pad > rows) {
+    for (int64_t c = c0; c < c1; ++c) std::fill(out + c * ldo + rows, out + c * ldo + rows_pad, T(0));
   }
 }
 

@@ -60,6 +60,10 @@ class CodebookLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, num_clusters: int = 16, bias: bool = True,
                  zero_pinned: bool = False, device=None, dtype=None):
         super().__init__()
+        self._build(in_features, out_features, num_clusters, bias, zero_pinned, device, dtype)
+        self.reset_parameters()
+
+    def _build(self, in_features, out_features, num_clusters, bias, zero_pinned, device, dtype) -> None:
         for name, v in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
@@ -72,9 +76,17 @@ class CodebookLinear(nn.Module):
         self.codebook = nn.Parameter(torch.empty(num_clusters, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
         cols = (in_features + 1) // 2 if num_clusters <= PACKED_MAX_CLUSTERS else in_features
-        self.register_buffer("indices", torch.zeros(out_features, cols, dtype=torch.uint8, device=device))
+        self.register_buffer("indices", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
         self.reconstruction_error: float | None = None  # set by from_dense / assign_indices
-        self.reset_parameters()
+
+    @classmethod
+    def _uninitialized(cls, in_features, out_features, num_clusters, bias, zero_pinned, device, dtype):
+        """A layer whose codebook, indices and bias are about to be overwritten (skips the
+        random initialisation)."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer._build(in_features, out_features, num_clusters, bias, zero_pinned, device, dtype)
+        return layer
 
     def reset_parameters(self) -> None:
         """nn.Linear's range: codebook evenly spaced in +-1/sqrt(in_features), random
@@ -84,8 +96,9 @@ class CodebookLinear(nn.Module):
             self.codebook.copy_(torch.linspace(-bound, bound, self.num_clusters))
             if self.zero_pinned:
                 self.codebook[0] = 0.0
-            labels = torch.randint(0, self.num_clusters, (self.out_features, self.in_features))
-            self.indices.copy_(encode_indices(labels, self.num_clusters).to(self.indices.device))
+            labels = torch.randint(0, self.num_clusters, (self.out_features, self.in_features),
+                                   device=self.indices.device)
+            self.indices.copy_(encode_indices(labels, self.num_clusters))
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
 
@@ -142,11 +155,11 @@ class CodebookLinear(nn.Module):
         kept = weight[eff_mask] if pinned else weight.reshape(-1)
         free = num_clusters - 1 if pinned else num_clusters
         if kept.numel() > 0:
-            centroids = kmeans_1d(kept, free, init=init, seed=seed, max_iter=max_iter).centroids
+            centroids = kmeans_1d(kept, free, init=init, seed=seed, max_iter=max_iter, return_labels=False).centroids
         else:
             centroids = torch.zeros(free, dtype=torch.float64)
-        layer = cls(linear.in_features, linear.out_features, num_clusters=num_clusters,
-                    bias=bias is not None, zero_pinned=pinned, device=weight.device, dtype=weight.dtype)
+        layer = cls._uninitialized(linear.in_features, linear.out_features, num_clusters, bias is not None,
+                                   pinned, weight.device, weight.dtype)
         codebook = torch.cat([torch.zeros(1, dtype=torch.float64), centroids]) if pinned else centroids
         with torch.no_grad():
             layer.codebook.copy_(codebook.to(layer.codebook))
@@ -172,10 +185,9 @@ class CodebookLinear(nn.Module):
             labels = assign(w, self.codebook.detach())
             target = w
         self.indices.copy_(encode_indices(labels, self.num_clusters).to(self.indices.device))
-        ref = target.to(torch.float64)
-        err = (self.weight.detach().to(torch.float64) - ref).norm()
-        norm = ref.norm()
-        self.reconstruction_error = float(err / norm) if float(norm) > 0 else float(err)
+        err = float(torch.linalg.vector_norm(self.weight.detach() - target, dtype=torch.float64))
+        norm = float(torch.linalg.vector_norm(target, dtype=torch.float64))
+        self.reconstruction_error = err / norm if norm > 0 else err
 
     def to_dense(self) -> nn.Linear:
         """An nn.Linear holding the decoded weight and the bias."""

@@ -65,11 +65,12 @@ class _MaskedSparseFn(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         st = ctx.st
         grad_input = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            values_t = _ops._masked_gather(weight, st.t_row_ptr, st.t_col_idx, True)
-            grad_input = _ops._masked_spmm(grad, values_t, st.t_row_ptr, st.t_col_idx, None)
-        if ctx.needs_input_grad[1]:
-            grad_weight = _ops._masked_sddmm(grad, input, st.row_ptr, st.col_idx)
+        need_input, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if need_input or need_weight:
+            gi, gw = _ops._masked_backward(grad, input, weight, st.row_ptr, st.col_idx, st.t_row_ptr, st.t_col_idx,
+                                           need_input, need_weight)
+            grad_input = gi if need_input else None
+            grad_weight = gw if need_weight else None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
         return grad_input, grad_weight, grad_bias, None, None

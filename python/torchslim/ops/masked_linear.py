@@ -115,6 +115,13 @@ def _sddmm_fake(grad_output, input, row_ptr, col_idx):
     return input.new_empty((row_ptr.shape[0] - 1, input.shape[-1]))
 
 
+@torch.library.register_fake("torchslim::_masked_backward")
+def _backward_fake(grad_output, input, weight, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight):
+    gi = input.new_empty(input.shape) if need_input else input.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_weight else weight.new_empty(0)
+    return gi, gw
+
+
 # ---------------------------------------------------------------- autograd
 
 def _setup_context(ctx, inputs, output):
