@@ -364,9 +364,13 @@ def test_bad_json_and_unknown_types():
     def extra_field(m):
         m["model"]["children"][2][1]["evil"] = 1
     _load_raises(_with_meta(data, extra_field), "fields")
+    header["__metadata__"]["torchslim"] = "[" * 100_000 + "]" * 100_000  # nesting bomb
+    _load_raises(_join(header, body), "corrupt architecture header")
     del header["__metadata__"]
     _load_raises(_join(header, body), "not a torchslim file")
     _load_raises(b"\x00" * 64)
+    bomb = b"[" * 100_000
+    _load_raises(struct.pack("<Q", len(bomb)) + bomb, "corrupt safetensors header")
     _load_raises(struct.pack("<Q", 1 << 62) + b"{}")
 
 

@@ -407,11 +407,17 @@ class Pipeline:
         paths = []
         # 1. accuracy vs compressed size
         fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [s["bytes"] / 1024 for s in self.stages]
-        ys = [100 * s["accuracy"] for s in self.stages]
-        ax.plot(xs, ys, "o-", color="tab:blue")
-        for s, x, y in zip(self.stages, xs, ys):
-            ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        chains = {}
+        for s in self.stages:  # the dense network's chain and the student's chain
+            chains.setdefault("student" if s["name"].startswith("student") else "network", []).append(s)
+        for i, (label, chain) in enumerate(chains.items()):
+            xs = [s["bytes"] / 1024 for s in chain]
+            ys = [100 * s["accuracy"] for s in chain]
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
+            for s, x, y in zip(chain, xs, ys):
+                ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if len(chains) > 1:
+            ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("saved model size (KiB, log scale)")
         ax.set_ylabel("test accuracy (%)")
