@@ -53,7 +53,7 @@ def _cmd_run(args) -> int:
         share_epochs=args.share_epochs, share_lr=args.share_lr, student_hidden=args.student_hidden,
         distill_epochs=args.distill_epochs, temperature=args.temperature, alpha=args.alpha, mixup=args.mixup, device=args.device,
         out=args.out, progress=not args.no_progress, plots=not args.no_plots, latency=not args.no_latency,
-        threads=args.threads, train_threads=args.train_threads or None, latency_min_run_time=args.latency_time)
+        deploy_sparse=not args.no_deploy_sparse, threads=args.threads, train_threads=args.train_threads or None, latency_min_run_time=args.latency_time)
     try:
         run_pipeline(cfg)
     except ValueError as exc:
@@ -110,6 +110,8 @@ def _add_run_parser(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="no PNG plots")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurements")
+    g.add_argument("--no-deploy-sparse", action="store_true",
+                   help="no final 'deploy' stage (the weight-shared file run as sparse layers after loading)")
     g.add_argument("--latency-time", type=float, default=d.latency_min_run_time, metavar="SECONDS",
                    help="minimum timing time per stage and batch size (%(default)s)")
     p.set_defaults(func=_cmd_run)

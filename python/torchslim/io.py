@@ -126,6 +126,41 @@ def _replace_in_place(module: nn.Module) -> None:
             _replace_in_place(child)
 
 
+def to_sparse(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with every ``CodebookLinear`` replaced by a
+    ``MaskedSparseLinear`` holding the decoded weights, masked where the index is the pinned
+    zero (``zero_pinned`` layers; other layers keep every weight). Same function, run by the
+    sparse kernels instead of the codebook kernel: store the compact codebook model with
+    ``save``, and after ``load`` call ``to_sparse`` when the sparse kernels are faster."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_sparse expects an nn.Module, got {type(model).__name__}")
+    cb_cls = _codebook_cls()
+
+    def convert(layer):
+        dense = layer.to_dense()
+        idx = layer.indices
+        if idx.shape[1] != layer.in_features:
+            from torchslim.ops._reference import unpack_int4
+            idx = unpack_int4(idx, layer.in_features)
+        keep = idx != 0 if getattr(layer, "zero_pinned", False) else torch.ones_like(idx, dtype=torch.bool)
+        sparse = MaskedSparseLinear.from_dense(dense, mask=keep.to(dense.weight.device))
+        sparse.train(layer.training)
+        return sparse
+
+    if isinstance(model, cb_cls):
+        return convert(model)
+    out = copy.deepcopy(model)
+
+    def walk(module):
+        for name, child in list(module.named_children()):
+            if isinstance(child, cb_cls):
+                setattr(module, name, convert(child))
+            else:
+                walk(child)
+    walk(out)
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # integer streams: varint + optional entropy coding
 # --------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class PipelineConfig:
     plots: bool = True
     latency: bool = True
     latency_min_run_time: float = 0.2
+    deploy_sparse: bool = True           # add a "deploy" stage running the final file through the sparse kernels
     threads: Optional[int] = None        # torch threads for inference / latency (None: torch's default)
     train_threads: Optional[int] = 1     # threads while training (small MLPs train fastest on one)
     verbose: bool = True
@@ -189,11 +190,16 @@ class Pipeline:
 
         return accuracy(model, self.x_test, self.y_test)
 
-    def measure(self, name: str, model: nn.Module, note: str = "") -> dict:
+    def measure(self, name: str, model: nn.Module, note: str = "", stored: nn.Module | None = None) -> dict:
+        """Report a stage. ``stored``: the model whose file is shipped when ``model`` is its
+        run-time form (bytes are then that file's size)."""
         import torchslim
+        from torchslim.io import saved_size
 
         r = torchslim.report(model, self.x_test[:256], eval_fn=self._accuracy, measure_latency_=self.cfg.latency,
                              min_run_time=self.cfg.latency_min_run_time)
+        if stored is not None:
+            r.bytes_compressed = saved_size(stored)
         row = {
             "name": name,
             "accuracy": r.accuracy,
@@ -325,15 +331,31 @@ class Pipeline:
                                                  f"(T={cfg.temperature}, alpha={cfg.alpha}"
                                                  f"{', mixup transfer set' if cfg.mixup else ''})")
                 final = self.compress_chain(student, "student-", 10)
+            deploy = self.deploy_stage(final)
             self.stages[-1]["final"] = True
             self.out.mkdir(parents=True, exist_ok=True)
-            result = self._write_outputs(final, time.perf_counter() - t0)
+            result = self._write_outputs(final, time.perf_counter() - t0, deploy)
         finally:
             torch.set_num_threads(old_threads)
         return result
 
+    def deploy_stage(self, final: nn.Module) -> nn.Module | None:
+        """When the final model shares weights, add a ``deploy`` stage: the same file, run
+        as MaskedSparseLinear layers (decoded weights, pruned positions masked) after
+        loading (``torchslim.io.to_sparse``), i.e. by the sparse kernels instead of the
+        codebook kernel."""
+        from torchslim.io import to_sparse
+        from torchslim.nn import CodebookLinear
+
+        if not self.cfg.deploy_sparse or not any(isinstance(m, CodebookLinear) for m in final.modules()):
+            return None
+        sparse = to_sparse(final)
+        self.measure("deploy", sparse, f"{self.stages[-1]['name']} file, run as sparse layers after loading "
+                                       f"(torchslim.io.to_sparse)", stored=final)
+        return sparse
+
     # -- outputs ---------------------------------------------------------------------
-    def _write_outputs(self, final: nn.Module, elapsed: float) -> dict:
+    def _write_outputs(self, final: nn.Module, elapsed: float, deploy: nn.Module | None = None) -> dict:
         import torchslim
 
         cfg = self.cfg
@@ -341,6 +363,10 @@ class Pipeline:
         torchslim.save(final.cpu() if self.device.type != "cpu" else final, model_path)
         final.to(self.device)
         reloaded = torchslim.load(model_path, device=self.device)
+        if deploy is not None:
+            from torchslim.io import to_sparse
+
+            reloaded = to_sparse(reloaded)
         reload_ok = self._accuracy(reloaded) == self.stages[-1]["accuracy"]
         if not reload_ok:  # pragma: no cover - io round trips are tested
             self.log("warning: the reloaded model's accuracy differs from the saved one's")
