@@ -64,7 +64,7 @@ def _check_outputs(out: Path, names: list[str]) -> dict:
     from torchslim.distill import accuracy
     split = load_dataset(report["config"]["data"], seed=report["config"]["seed"])
     model = torchslim.load(out / "model.safetensors")
-    if stages[-1]["name"] == "deploy":
+    if stages[-1]["name"].endswith("deploy"):
         model = torchslim.io.to_sparse(model)
     assert accuracy(model, split.x_test, split.y_test) == pytest.approx(stages[-1]["accuracy"])
     assert report["summary"]["reload_matches"] is True
@@ -88,14 +88,16 @@ def test_full_pipeline_tiny(tmp_path):
                "--student-hidden", "16", "--hidden", "48,24", "--out", str(out), "--no-progress",
                "--latency-time", "0.01"])
     assert rc == 0
-    report = _check_outputs(out, ["dense", "pruned", "shared", "student", "student-pruned", "student-shared", "deploy"])
+    report = _check_outputs(out, ["dense", "pruned", "shared", "deploy", "student", "student-pruned",
+                                  "student-shared", "student-deploy"])
     st = {s["name"]: s for s in report["stages"]}
     assert st["pruned"]["nonzeros"] <= 0.25 * st["dense"]["params"]
     assert st["shared"]["bytes"] < st["pruned"]["bytes"] < st["dense"]["bytes"]
     assert st["student-shared"]["compression_ratio"] > st["shared"]["compression_ratio"]
     # deploy: the student-shared file, run as sparse layers
-    assert st["deploy"]["bytes"] == st["student-shared"]["bytes"]
-    assert st["deploy"]["nonzeros"] == st["student-shared"]["nonzeros"]
+    assert st["student-deploy"]["bytes"] == st["student-shared"]["bytes"]
+    assert st["student-deploy"]["nonzeros"] == st["student-shared"]["nonzeros"]
+    assert st["deploy"]["bytes"] == st["shared"]["bytes"]
     loaded = torchslim.load(out / "model.safetensors")
     assert any(type(m).__name__ == "CodebookLinear" for m in loaded.modules())
 

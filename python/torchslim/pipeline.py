@@ -64,7 +64,7 @@ class PipelineConfig:
     plots: bool = True
     latency: bool = True
     latency_min_run_time: float = 0.2
-    deploy_sparse: bool = True           # add a "deploy" stage running the final file through the sparse kernels
+    deploy_sparse: bool = True           # add "deploy" stages: each shared file run by the sparse kernels
     threads: Optional[int] = None        # torch threads for inference / latency (None: torch's default)
     train_threads: Optional[int] = 1     # threads while training (small MLPs train fastest on one)
     verbose: bool = True
@@ -298,6 +298,7 @@ class Pipeline:
             model = self.share_stage(model, f"{prefix}shared", offset + 2)
             scope = "global codebook" if cfg.global_codebook else "per-layer codebooks"
             self.measure(f"{prefix}shared", model, f"{cfg.bits}-bit k-means, {scope}")
+            self.deployed = self.deploy_stage(model, f"{prefix}deploy")
         return model
 
     # -- main ------------------------------------------------------------------------
@@ -317,6 +318,7 @@ class Pipeline:
             self.split.x_train = self.split.x_train.to(self.device)
             self.split.y_train = self.split.y_train.to(self.device)
             self.pre_share_models: list[nn.Module] = []
+            self.deployed = None
             self.log(f"data {self.split.name}: {len(self.split.y_train)} train / {len(self.split.y_test)} test, "
                      f"{self.split.num_features} features, {self.num_classes} classes; device {self.device}, "
                      f"{torch.get_num_threads()} threads")
@@ -331,7 +333,7 @@ class Pipeline:
                                                  f"(T={cfg.temperature}, alpha={cfg.alpha}"
                                                  f"{', mixup transfer set' if cfg.mixup else ''})")
                 final = self.compress_chain(student, "student-", 10)
-            deploy = self.deploy_stage(final)
+            deploy = self.deployed
             self.stages[-1]["final"] = True
             self.out.mkdir(parents=True, exist_ok=True)
             result = self._write_outputs(final, time.perf_counter() - t0, deploy)
@@ -339,7 +341,7 @@ class Pipeline:
             torch.set_num_threads(old_threads)
         return result
 
-    def deploy_stage(self, final: nn.Module) -> nn.Module | None:
+    def deploy_stage(self, final: nn.Module, name: str = "deploy") -> nn.Module | None:
         """When the final model shares weights, add a ``deploy`` stage: the same file, run
         as MaskedSparseLinear layers (decoded weights, pruned positions masked) after
         loading (``torchslim.io.to_sparse``), i.e. by the sparse kernels instead of the
@@ -350,7 +352,7 @@ class Pipeline:
         if not self.cfg.deploy_sparse or not any(isinstance(m, CodebookLinear) for m in final.modules()):
             return None
         sparse = to_sparse(final)
-        self.measure("deploy", sparse, f"{self.stages[-1]['name']} file, run as sparse layers after loading "
+        self.measure(name, sparse, f"{self.stages[-1]['name']} file, run as sparse layers after loading "
                                        f"(torchslim.io.to_sparse)", stored=final)
         return sparse
 
