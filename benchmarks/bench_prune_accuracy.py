@@ -4,7 +4,9 @@ Trains a dense LeNet-300-100 (in-300-100-10, ReLU), then prunes it gradually (Zh
 cubic schedule, global magnitude, with fine-tuning) to ``--sparsity`` and reports test
 accuracy, the fraction of weights removed and inference latency (median of many calls)
 of the pruned model (MaskedSparseLinear layers) against the dense one at batch 1 and 256,
-plus torch.sparse CSR matmuls on the same masks as a point of reference.
+plus torch.sparse CSR matmuls on the same masks as a point of reference. Latency is given
+as wall time (p50 of torch.utils.benchmark blocks) and as CPU time per call (process
+time on one thread), which other processes on a shared machine do not inflate.
 
     python benchmarks/bench_prune_accuracy.py                       # scikit-learn digits (64-300-100-10)
     python benchmarks/bench_prune_accuracy.py --data /path/to/mnist-t10k   # MNIST IDX, 8k/2k split
@@ -90,27 +92,64 @@ def latency_us(model, x, min_run_time) -> float:
         return 1e3 * time_ms(lambda: model(x), min_run_time=min_run_time, warmup=10)["p50"]
 
 
+def cpu_us(model, x, min_run_time, repeats=7) -> float:
+    """Median CPU time per call on one thread: unlike wall time it does not count the time
+    slices other processes take on a shared machine (one thread, because idle OpenMP workers
+    spin and would be counted)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _cpu_us(model, x, min_run_time, repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cpu_us(model, x, min_run_time, repeats):
+    with torch.inference_mode():
+        for _ in range(10):
+            model(x)
+        start = time.process_time()
+        calls = 0
+        while time.process_time() - start < min_run_time / repeats:
+            model(x)
+            calls += 1
+        per_block = max(1, calls)
+        samples = []
+        for _ in range(repeats):
+            t = time.process_time_ns()
+            for _ in range(per_block):
+                model(x)
+            samples.append((time.process_time_ns() - t) / per_block / 1e3)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=None, help="MNIST IDX folder / .npz / .csv (default: scikit-learn digits)")
     parser.add_argument("--sparsity", type=float, default=0.92)
     parser.add_argument("--scope", default="global", choices=["global", "layer"], help="magnitude ranking scope")
-    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs")
-    parser.add_argument("--prune-epochs", type=int, default=None, help="gradual pruning + fine-tuning epochs")
+    parser.add_argument("--epochs", type=int, default=None, help="dense training epochs (30 on digits, 20 else)")
+    parser.add_argument("--prune-epochs", type=int, default=None,
+                        help="gradual pruning (first half) + fine-tuning epochs (30 on digits, 20 else)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=1e-4, help="Adam weight decay while fine-tuning")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for timing (default: torch's)")
-    parser.add_argument("--quick", action="store_true", help="few epochs and short timings")
+    parser.add_argument("--quick", action="store_true", help="10+10 epochs and short timings")
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/prune_accuracy.json)")
     args = parser.parse_args()
 
-    epochs = args.epochs or (3 if args.quick else 30)
-    prune_epochs = args.prune_epochs or (3 if args.quick else 30)
+    full = 30 if args.data is None else 20  # digits is small: more epochs cost little
+    epochs = args.epochs or (10 if args.quick else full)
+    prune_epochs = args.prune_epochs or (10 if args.quick else full)
     min_run_time = 0.05 if args.quick else 1.0
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    timing_threads = torch.get_num_threads()
+    # Training is small: one thread is fast, bit-reproducible and robust on a loaded machine.
+    torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     data = load_dataset(args.data, seed=args.seed)
     steps_per_epoch = math.ceil(len(data.x_train) / 64)
@@ -120,11 +159,13 @@ def main() -> None:
     base = lenet_300_100(data.num_features, data.num_classes)
     train(base, data, epochs, args.lr, seed=args.seed)
     dense_acc = accuracy(base, data)
+    print(f"dense: {dense_acc:.2f}% after {epochs} epochs ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     # The same fine-tuning budget without pruning, so the comparison is fair both ways.
     dense_ft = copy.deepcopy(base)
     train(dense_ft, data, prune_epochs, args.lr, seed=args.seed + 1, weight_decay=args.weight_decay)
     dense_ft_acc = accuracy(dense_ft, data)
+    print(f"dense + fine-tuning: {dense_ft_acc:.2f}% ({time.perf_counter() - t0:.1f} s)", flush=True)
 
     pruned = copy.deepcopy(base)
     end = steps_per_epoch * max(1, prune_epochs // 2)  # second half: fine-tuning at the final sparsity
@@ -132,6 +173,8 @@ def main() -> None:
     train(pruned, data, prune_epochs, args.lr, seed=args.seed + 1, pruner=pruner,
           weight_decay=args.weight_decay)
     pruned_acc = accuracy(pruned, data)
+    print(f"pruned: {pruned_acc:.2f}% ({time.perf_counter() - t0:.1f} s)", flush=True)
+    torch.set_num_threads(timing_threads)
     train_s = time.perf_counter() - t0
     report = sparsity_report(pruned)
 
@@ -147,6 +190,8 @@ def main() -> None:
         x = x.contiguous()
         timings[batch] = {name: latency_us(m, x, min_run_time)
                           for name, m in (("dense", base), ("pruned", pruned), ("csr", csr))}
+        timings[f"cpu{batch}"] = {name: cpu_us(m, x, min_run_time)
+                                  for name, m in (("dense", base), ("pruned", pruned), ("csr", csr))}
     for name, model, acc, sp in (
         ("dense (trained)", base, dense_acc, 0.0),
         ("dense (+ same fine-tuning)", dense_ft, dense_ft_acc, 0.0),
@@ -158,7 +203,10 @@ def main() -> None:
                "kept": report.kept if sp else report.weights,
                "b1_us": timings[1][key], "b256_us": timings[256][key],
                "speedup_b1": timings[1]["dense"] / timings[1][key],
-               "speedup_b256": timings[256]["dense"] / timings[256][key]}
+               "speedup_b256": timings[256]["dense"] / timings[256][key],
+               "b1_cpu_us": timings["cpu1"][key], "b256_cpu_us": timings["cpu256"][key],
+               "cpu_speedup_b1": timings["cpu1"]["dense"] / timings["cpu1"][key],
+               "cpu_speedup_b256": timings["cpu256"]["dense"] / timings["cpu256"][key]}
         rows.append(row)
 
     title = (f"LeNet-300-100 on {data.name} ({data.num_features}-300-100-{data.num_classes}), "
@@ -166,6 +214,8 @@ def main() -> None:
              f"{torch.get_num_threads()} threads, training took {train_s:.1f} s")
     print_table(rows, ["model", "accuracy", "acc_delta", "sparsity", "kept", "b1_us", "b256_us",
                        "speedup_b1", "speedup_b256"], title=title)
+    print_table(rows, ["model", "b1_cpu_us", "b256_cpu_us", "cpu_speedup_b1", "cpu_speedup_b256"],
+                title="CPU time per call on 1 thread (robust to other load on the machine)")
     print("\n" + report.to_markdown())
     ok_sparsity = report.sparsity >= 0.92 - 1e-9
     ok_acc = pruned_acc >= reference - 0.3

@@ -10,7 +10,9 @@ if [ ! -x "$NVCC" ]; then
   echo "check_cuda: nvcc not found, CUDA compile check skipped"
   exit 0
 fi
-CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$NVCC")")}
+# nvcc may be a link (e.g. /usr/local/bin/nvcc): find the toolkit through the real path.
+CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$NVCC")")")}
+[ -f "$CUDA_HOME/include/cuda_runtime_api.h" ] || CUDA_HOME=/usr/local/cuda
 TORCH_INC=$("$PY" -c "import torch.utils.cpp_extension as c; print(' '.join('-I'+p for p in c.include_paths()))")
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT

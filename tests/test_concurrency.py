@@ -8,6 +8,7 @@ one thread or eight call the layer at once.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import pickle
 import threading
@@ -222,7 +223,8 @@ def test_concurrent_forward_from_threads(kind):
         def work(i):
             barrier.wait(timeout=THREAD_TIMEOUT_S)
             outs = []
-            with torch.no_grad():
+            # Half the threads serve under no_grad, half under inference_mode.
+            with (torch.no_grad() if i % 2 else torch.inference_mode()):
                 for _ in range(6):
                     outs.append(layer(xs[i]))
             return outs
@@ -269,8 +271,8 @@ def test_concurrent_functional_ops_from_threads():
 # --------------------------------------------------------------------------- determinism
 
 
-@pytest.fixture
-def deterministic():
+@contextlib.contextmanager
+def _deterministic_algorithms():
     was_on = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
@@ -278,6 +280,12 @@ def deterministic():
         yield
     finally:
         torch.use_deterministic_algorithms(was_on, warn_only=warn_only)
+
+
+@pytest.fixture
+def deterministic():
+    with _deterministic_algorithms():
+        yield
 
 
 def _det_cases():
@@ -333,8 +341,13 @@ def test_deterministic_algorithms_bitwise_repeatable(name, deterministic):
 
 
 def test_deterministic_flag_restored():
-    """Runs after the parametrised determinism tests: the fixture put the flag back."""
-    assert not torch.are_deterministic_algorithms_enabled()
+    """The fixture puts the global flag back as it was, even when the test fails."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with pytest.raises(KeyError):
+        with _deterministic_algorithms():
+            assert torch.are_deterministic_algorithms_enabled()
+            raise KeyError("a failing test")
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -17,7 +17,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import timedelta
 
@@ -180,9 +179,9 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def ddp_results():
+def ddp_results(tmp_path_factory):
     scenarios = list(BUILDERS)
-    out = tempfile.mkdtemp(prefix="torchslim_ddp_")
+    out = os.fspath(tmp_path_factory.mktemp("ddp"))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(torchslim.__file__)), env.get("PYTHONPATH", "")])
@@ -287,7 +286,7 @@ def test_ddp_gradual_pruner_same_masks(ddp_results):
 
 
 def test_ddp_finishes_within_a_minute(ddp_results):
-    assert ddp_results["_elapsed"] < 60
+    assert ddp_results["_elapsed"] < 60, f"{ddp_results['_elapsed']:.1f} s"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
