@@ -2,6 +2,7 @@
 training as uncached and run the teacher once per sample."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,3 +146,21 @@ def test_distill_beats_no_teacher_on_small_data():
     student = _mlp(10, 16, 4, 4)
     distill(student, teacher, loader, epochs=40, lr=1e-2, temperature=4.0, alpha=0.9, progress=False)
     assert accuracy(student, x_test, y_test) > accuracy(plain, x_test, y_test)
+
+
+def test_mixup_transfer_set_runs_and_counts_teacher_calls():
+    x, y = _toy(n=200)
+    teacher = _mlp(10, 16, 4, 1)
+    loader = IndexedDataset(TensorDataset(x, y))
+    batches = list(DataLoader(loader, batch_size=50))
+    stats = {}
+    s1 = _mlp(10, 8, 4, 2)
+    hist = distill(s1, teacher, batches, epochs=2, lr=1e-2, mixup=True, cache_teacher_logits=True, progress=False,
+                   stats=stats, seed=3)
+    # originals once (cached) + one mixed batch per step
+    assert stats["teacher_samples"] == 200 + 2 * 200
+    assert len(hist) == 2 and all(np.isfinite(hist))
+    s2 = _mlp(10, 8, 4, 2)
+    distill(s2, teacher, batches, epochs=2, lr=1e-2, mixup=True, cache_teacher_logits=True, progress=False, seed=3)
+    for a, b in zip(s1.parameters(), s2.parameters()):  # seeded: reproducible
+        torch.testing.assert_close(a, b)

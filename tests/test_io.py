@@ -364,9 +364,13 @@ def test_bad_json_and_unknown_types():
     def extra_field(m):
         m["model"]["children"][2][1]["evil"] = 1
     _load_raises(_with_meta(data, extra_field), "fields")
+    header["__metadata__"]["torchslim"] = "[" * 100_000 + "]" * 100_000  # nesting bomb
+    _load_raises(_join(header, body), "corrupt architecture header")
     del header["__metadata__"]
     _load_raises(_join(header, body), "not a torchslim file")
     _load_raises(b"\x00" * 64)
+    bomb = b"[" * 100_000
+    _load_raises(struct.pack("<Q", len(bomb)) + bomb, "corrupt safetensors header")
     _load_raises(struct.pack("<Q", 1 << 62) + b"{}")
 
 
@@ -456,3 +460,20 @@ def test_varint_roundtrip_and_errors():
         tio._varint_decode(enc[:-1], len(v), "x")  # ends mid-value
     with pytest.raises(ValueError):
         tio._varint_decode(b"\x80" * 9 + b"\x01", 1, "x")  # too long
+
+
+def test_to_sparse_equivalence(cb_cls):
+    torch.manual_seed(4)
+    pinned = make_codebook_layer(cb_cls, 30, 20, 16, zero_pinned=True, density=0.2, seed=5)
+    plain = make_codebook_layer(cb_cls, 20, 6, 8, seed=6)
+    model = nn.Sequential(pinned, nn.ReLU(), plain)
+    sparse = tio.to_sparse(model)
+    assert isinstance(model[0], cb_cls)  # input untouched
+    assert isinstance(sparse[0], MaskedSparseLinear) and isinstance(sparse[2], MaskedSparseLinear)
+    assert int(sparse[0].mask.sum()) == int((unpack_int4(pinned.indices, 30) != 0).sum())
+    assert bool(sparse[2].mask.all())
+    x = torch.randn(9, 30)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError):
+        tio.to_sparse("model")

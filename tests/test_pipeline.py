@@ -64,7 +64,10 @@ def _check_outputs(out: Path, names: list[str]) -> dict:
     from torchslim.distill import accuracy
     split = load_dataset(report["config"]["data"], seed=report["config"]["seed"])
     model = torchslim.load(out / "model.safetensors")
+    if stages[-1]["name"].endswith("deploy"):
+        model = torchslim.io.to_sparse(model)
     assert accuracy(model, split.x_test, split.y_test) == pytest.approx(stages[-1]["accuracy"])
+    assert report["summary"]["reload_matches"] is True
     return report
 
 
@@ -85,11 +88,16 @@ def test_full_pipeline_tiny(tmp_path):
                "--student-hidden", "16", "--hidden", "48,24", "--out", str(out), "--no-progress",
                "--latency-time", "0.01"])
     assert rc == 0
-    report = _check_outputs(out, ["dense", "pruned", "shared", "student", "student-pruned", "student-shared"])
+    report = _check_outputs(out, ["dense", "pruned", "shared", "deploy", "student", "student-pruned",
+                                  "student-shared", "student-deploy"])
     st = {s["name"]: s for s in report["stages"]}
     assert st["pruned"]["nonzeros"] <= 0.25 * st["dense"]["params"]
     assert st["shared"]["bytes"] < st["pruned"]["bytes"] < st["dense"]["bytes"]
     assert st["student-shared"]["compression_ratio"] > st["shared"]["compression_ratio"]
+    # deploy: the student-shared file, run as sparse layers
+    assert st["student-deploy"]["bytes"] == st["student-shared"]["bytes"]
+    assert st["student-deploy"]["nonzeros"] == st["student-shared"]["nonzeros"]
+    assert st["deploy"]["bytes"] == st["shared"]["bytes"]
     loaded = torchslim.load(out / "model.safetensors")
     assert any(type(m).__name__ == "CodebookLinear" for m in loaded.modules())
 
@@ -103,7 +111,7 @@ def test_global_codebook_npz_data(tmp_path):
     payload = run_pipeline(PipelineConfig(data=str(tmp_path / "d.npz"), hidden=(16,), epochs=2, prune_epochs=1,
                                           share_epochs=1, global_codebook=True, bits=2, out=str(tmp_path / "o"),
                                           progress=False, verbose=False, latency_min_run_time=0.01))
-    assert [s["name"] for s in payload["stages"]] == ["dense", "pruned", "shared"]
+    assert [s["name"] for s in payload["stages"]] == ["dense", "pruned", "shared", "deploy"]
     model = torchslim.load(tmp_path / "o" / "model.safetensors")
     cbs = {id(m.codebook) for m in model.modules() if hasattr(m, "codebook")}
     assert len(cbs) == 1

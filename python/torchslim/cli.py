@@ -46,14 +46,14 @@ def _cmd_run(args) -> int:
     from torchslim.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig(
-        data=args.data, seed=args.seed, test_fraction=args.test_fraction, hidden=args.hidden,
+        data=args.data, seed=args.seed, test_fraction=args.test_fraction, hidden=args.hidden, dropout=args.dropout,
         optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
         prune=not args.no_prune, sparsity=args.sparsity, prune_epochs=args.prune_epochs,
         share=not args.no_share, bits=args.bits, global_codebook=args.global_codebook,
         share_epochs=args.share_epochs, share_lr=args.share_lr, student_hidden=args.student_hidden,
-        distill_epochs=args.distill_epochs, temperature=args.temperature, alpha=args.alpha, device=args.device,
+        distill_epochs=args.distill_epochs, temperature=args.temperature, alpha=args.alpha, mixup=args.mixup, device=args.device,
         out=args.out, progress=not args.no_progress, plots=not args.no_plots, latency=not args.no_latency,
-        threads=args.threads, latency_min_run_time=args.latency_time)
+        deploy_sparse=not args.no_deploy_sparse, threads=args.threads, train_threads=args.train_threads or None, latency_min_run_time=args.latency_time)
     try:
         run_pipeline(cfg)
     except ValueError as exc:
@@ -77,6 +77,7 @@ def _add_run_parser(sub) -> None:
     g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out fraction (%(default)s)")
     g = p.add_argument_group("dense network")
     g.add_argument("--hidden", type=_int_list, default=list(d.hidden), help="hidden layer sizes (default 300,100)")
+    g.add_argument("--dropout", type=float, default=d.dropout, help="dropout after each hidden layer (%(default)s)")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default=d.optimizer)
     g.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3 adam, 0.05 sgd)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -97,13 +98,20 @@ def _add_run_parser(sub) -> None:
     g.add_argument("--distill-epochs", type=int, default=None, help="student epochs (default: --epochs)")
     g.add_argument("--temperature", type=float, default=d.temperature)
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the soft-target loss (%(default)s)")
+    g.add_argument("--mixup", action="store_true",
+                   help="also distil on mixed inputs (lam*x_i + (1-lam)*x_j) labelled by the teacher only")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for inference and latency (default: torch's choice)")
+    g.add_argument("--train-threads", type=int, default=d.train_threads,
+                   help="CPU threads while training (%(default)s: small MLPs train fastest on one; 0: as --threads)")
     g.add_argument("--out", default=d.out, help="output folder (%(default)s)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-plots", action="store_true", help="no PNG plots")
     g.add_argument("--no-latency", action="store_true", help="skip latency measurements")
+    g.add_argument("--no-deploy-sparse", action="store_true",
+                   help="no final 'deploy' stage (the weight-shared file run as sparse layers after loading)")
     g.add_argument("--latency-time", type=float, default=d.latency_min_run_time, metavar="SECONDS",
                    help="minimum timing time per stage and batch size (%(default)s)")
     p.set_defaults(func=_cmd_run)

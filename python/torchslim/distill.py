@@ -188,10 +188,18 @@ class _TeacherCache:
 def distill(student: nn.Module, teacher: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3,
             temperature: float = 4.0, alpha: float = 0.9, optimizer="adam", cache_teacher_logits: bool = False,
             progress: bool = True, *, device=None, weight_decay: float = 0.0,
-            on_step: Optional[Callable[[int], None]] = None, desc: str = "distill", stats: Optional[dict] = None) -> list[float]:
+            on_step: Optional[Callable[[int], None]] = None, desc: str = "distill", stats: Optional[dict] = None,
+            mixup: bool = False, seed: int = 0) -> list[float]:
     """Train ``student`` to match ``teacher`` with ``KDLoss(temperature, alpha)`` (soft
     targets from the teacher plus ``1 - alpha`` of the hard-label loss); returns the mean
     loss of each epoch.
+
+    ``mixup=True`` adds a transfer set (Hinton et al.'s term): with every batch, a batch of
+    mixed inputs ``lam * x_i + (1 - lam) * x_j`` (``lam ~ U(0, 1)``, ``j`` a permutation of
+    the batch, drawn from a generator seeded with ``seed``) that only the teacher labels
+    (soft targets, weight 1). A teacher trained on the same samples is nearly one-hot on
+    them, so its dark knowledge shows mostly between the samples; this costs one teacher
+    forward per step for the mixed batch (never cached).
 
     The teacher runs in eval mode under ``no_grad`` (its mode is restored afterwards) and
     is never updated. With ``cache_teacher_logits=True`` it runs once per sample (see the
@@ -210,6 +218,8 @@ def distill(student: nn.Module, teacher: nn.Module, loader: Iterable, epochs: in
     cache = _TeacherCache() if cache_teacher_logits else None
     if cache_teacher_logits and isinstance(loader, DataLoader) and not isinstance(loader.dataset, IndexedDataset):
         loader = _indexed_loader(loader)  # other iterables must yield (inputs, targets, indices)
+    soft = KDLoss(temperature=temperature, alpha=1.0) if mixup else None
+    gen = torch.Generator(device=dev).manual_seed(int(seed)) if mixup else None
     teacher_was_training = teacher.training
     teacher.eval()
     student.train()
@@ -230,7 +240,18 @@ def distill(student: nn.Module, teacher: nn.Module, loader: Iterable, epochs: in
                         t_logits = teacher(x).detach()
                     teacher_samples += x.shape[0]
                 opt.zero_grad(set_to_none=True)
-                loss = kd(student(x), t_logits, y)
+                if soft is not None and x.shape[0] > 1:
+                    n = x.shape[0]
+                    perm = torch.randperm(n, generator=gen, device=dev)
+                    lam = torch.rand((n,) + (1,) * (x.dim() - 1), generator=gen, device=dev, dtype=x.dtype)
+                    xm = lam * x + (1 - lam) * x[perm]
+                    with torch.no_grad():
+                        tm = teacher(xm).detach()
+                    teacher_samples += n
+                    out = student(torch.cat([x, xm]))
+                    loss = kd(out[:n], t_logits, y) + soft(out[n:], tm)
+                else:
+                    loss = kd(student(x), t_logits, y)
                 loss.backward()
                 opt.step()
                 step += 1
@@ -245,7 +266,7 @@ def distill(student: nn.Module, teacher: nn.Module, loader: Iterable, epochs: in
     finally:
         teacher.train(teacher_was_training)
     if stats is not None:
-        stats["teacher_samples"] = cache.teacher_samples if cache is not None else teacher_samples
+        stats["teacher_samples"] = teacher_samples + (cache.teacher_samples if cache is not None else 0)
     return history
 
 

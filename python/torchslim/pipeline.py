@@ -18,6 +18,7 @@ with ``torchslim.save``, go to ``out``.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,6 +40,7 @@ class PipelineConfig:
     seed: int = 0
     test_fraction: float = 0.2
     hidden: Sequence[int] = (300, 100)
+    dropout: float = 0.0                 # dropout after each hidden ReLU of the dense network
     optimizer: str = "adam"
     lr: Optional[float] = None           # None: 1e-3 for adam, 0.05 for sgd
     batch_size: int = 64
@@ -55,13 +57,16 @@ class PipelineConfig:
     distill_epochs: Optional[int] = None  # None: same as epochs
     temperature: float = 4.0
     alpha: float = 0.9
+    mixup: bool = False                  # distil on a mixup transfer set as well
     device: str = "cpu"
     out: str = "out"
     progress: bool = True
     plots: bool = True
     latency: bool = True
     latency_min_run_time: float = 0.2
-    threads: Optional[int] = None
+    deploy_sparse: bool = True           # add "deploy" stages: each shared file run by the sparse kernels
+    threads: Optional[int] = None        # torch threads for inference / latency (None: torch's default)
+    train_threads: Optional[int] = 1     # threads while training (small MLPs train fastest on one)
     verbose: bool = True
 
     def validate(self) -> None:
@@ -91,22 +96,28 @@ class PipelineConfig:
                 raise ValueError(f"{name} must be a positive number, got {v!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         if self.threads is not None:
             pos_int("threads", self.threads)
+        if self.train_threads is not None:
+            pos_int("train_threads", self.train_threads)
         if not (isinstance(self.latency_min_run_time, (int, float)) and self.latency_min_run_time > 0):
             raise ValueError(f"latency_min_run_time must be > 0 seconds, got {self.latency_min_run_time!r}")
 
 
-def make_mlp(in_features: int, hidden: Sequence[int], num_classes: int) -> nn.Sequential:
-    """Linear -> ReLU -> ... -> Linear (a BP network)."""
+def make_mlp(in_features: int, hidden: Sequence[int], num_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """Linear -> ReLU [-> Dropout] -> ... -> Linear (a BP network)."""
     layers: list[nn.Module] = []
     width = in_features
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -179,11 +190,16 @@ class Pipeline:
 
         return accuracy(model, self.x_test, self.y_test)
 
-    def measure(self, name: str, model: nn.Module, note: str = "") -> dict:
+    def measure(self, name: str, model: nn.Module, note: str = "", stored: nn.Module | None = None) -> dict:
+        """Report a stage. ``stored``: the model whose file is shipped when ``model`` is its
+        run-time form (bytes are then that file's size)."""
         import torchslim
+        from torchslim.io import saved_size
 
         r = torchslim.report(model, self.x_test[:256], eval_fn=self._accuracy, measure_latency_=self.cfg.latency,
                              min_run_time=self.cfg.latency_min_run_time)
+        if stored is not None:
+            r.bytes_compressed = saved_size(stored)
         row = {
             "name": name,
             "accuracy": r.accuracy,
@@ -205,18 +221,29 @@ class Pipeline:
                  f"({row['compression_ratio']:.1f}x)")
         return row
 
+    @contextlib.contextmanager
+    def _training_threads(self):
+        old = torch.get_num_threads()
+        if self.cfg.train_threads and self.device.type == "cpu":
+            torch.set_num_threads(self.cfg.train_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(old)
+
     def _fit(self, model, epochs, lr, desc, offset, on_step=None):
         from torchslim.distill import fit
 
         if epochs == 0:
             return []
-        return fit(model, self._loader(offset), epochs=epochs, lr=lr, optimizer=self.cfg.optimizer,
-                   progress=self.cfg.progress, on_step=on_step, desc=desc)
+        with self._training_threads():
+            return fit(model, self._loader(offset), epochs=epochs, lr=lr, optimizer=self.cfg.optimizer,
+                       progress=self.cfg.progress, on_step=on_step, desc=desc)
 
     # -- stages ----------------------------------------------------------------------
     def train_dense(self, hidden, name: str, offset: int) -> nn.Module:
         self._seed(offset)
-        model = make_mlp(self.split.num_features, hidden, self.num_classes).to(self.device)
+        model = make_mlp(self.split.num_features, hidden, self.num_classes, self.cfg.dropout).to(self.device)
         self._fit(model, self.cfg.epochs, self.lr, name, offset)
         return model
 
@@ -255,9 +282,10 @@ class Pipeline:
         student = make_mlp(self.split.num_features, self.cfg.student_hidden, self.num_classes).to(self.device)
         epochs = self.cfg.distill_epochs if self.cfg.distill_epochs is not None else self.cfg.epochs
         if epochs:
-            distill(student, teacher, self._loader(offset), epochs=epochs, lr=self.lr, temperature=self.cfg.temperature,
-                    alpha=self.cfg.alpha, optimizer=self.cfg.optimizer, cache_teacher_logits=True,
-                    progress=self.cfg.progress, desc=name)
+            with self._training_threads():
+                distill(student, teacher, self._loader(offset), epochs=epochs, lr=self.lr, temperature=self.cfg.temperature,
+                        alpha=self.cfg.alpha, optimizer=self.cfg.optimizer, cache_teacher_logits=True,
+                        progress=self.cfg.progress, desc=name, mixup=self.cfg.mixup, seed=self.cfg.seed)
         return student
 
     def compress_chain(self, model: nn.Module, prefix: str, offset: int) -> nn.Module:
@@ -270,6 +298,7 @@ class Pipeline:
             model = self.share_stage(model, f"{prefix}shared", offset + 2)
             scope = "global codebook" if cfg.global_codebook else "per-layer codebooks"
             self.measure(f"{prefix}shared", model, f"{cfg.bits}-bit k-means, {scope}")
+            self.deployed = self.deploy_stage(model, f"{prefix}deploy")
         return model
 
     # -- main ------------------------------------------------------------------------
@@ -289,6 +318,7 @@ class Pipeline:
             self.split.x_train = self.split.x_train.to(self.device)
             self.split.y_train = self.split.y_train.to(self.device)
             self.pre_share_models: list[nn.Module] = []
+            self.deployed = None
             self.log(f"data {self.split.name}: {len(self.split.y_train)} train / {len(self.split.y_test)} test, "
                      f"{self.split.num_features} features, {self.num_classes} classes; device {self.device}, "
                      f"{torch.get_num_threads()} threads")
@@ -300,17 +330,34 @@ class Pipeline:
                 student = self.distill_stage(dense, "student", 10)
                 st_txt = "-".join(str(h) for h in cfg.student_hidden)
                 self.measure("student", student, f"{self.split.num_features}-{st_txt}-{self.num_classes} distilled "
-                                                 f"(T={cfg.temperature}, alpha={cfg.alpha})")
+                                                 f"(T={cfg.temperature}, alpha={cfg.alpha}"
+                                                 f"{', mixup transfer set' if cfg.mixup else ''})")
                 final = self.compress_chain(student, "student-", 10)
+            deploy = self.deployed
             self.stages[-1]["final"] = True
             self.out.mkdir(parents=True, exist_ok=True)
-            result = self._write_outputs(final, time.perf_counter() - t0)
+            result = self._write_outputs(final, time.perf_counter() - t0, deploy)
         finally:
             torch.set_num_threads(old_threads)
         return result
 
+    def deploy_stage(self, final: nn.Module, name: str = "deploy") -> nn.Module | None:
+        """When the final model shares weights, add a ``deploy`` stage: the same file, run
+        as MaskedSparseLinear layers (decoded weights, pruned positions masked) after
+        loading (``torchslim.io.to_sparse``), i.e. by the sparse kernels instead of the
+        codebook kernel."""
+        from torchslim.io import to_sparse
+        from torchslim.nn import CodebookLinear
+
+        if not self.cfg.deploy_sparse or not any(isinstance(m, CodebookLinear) for m in final.modules()):
+            return None
+        sparse = to_sparse(final)
+        self.measure(name, sparse, f"{self.stages[-1]['name']} file, run as sparse layers after loading "
+                                       f"(torchslim.io.to_sparse)", stored=final)
+        return sparse
+
     # -- outputs ---------------------------------------------------------------------
-    def _write_outputs(self, final: nn.Module, elapsed: float) -> dict:
+    def _write_outputs(self, final: nn.Module, elapsed: float, deploy: nn.Module | None = None) -> dict:
         import torchslim
 
         cfg = self.cfg
@@ -318,6 +365,10 @@ class Pipeline:
         torchslim.save(final.cpu() if self.device.type != "cpu" else final, model_path)
         final.to(self.device)
         reloaded = torchslim.load(model_path, device=self.device)
+        if deploy is not None:
+            from torchslim.io import to_sparse
+
+            reloaded = to_sparse(reloaded)
         reload_ok = self._accuracy(reloaded) == self.stages[-1]["accuracy"]
         if not reload_ok:  # pragma: no cover - io round trips are tested
             self.log("warning: the reloaded model's accuracy differs from the saved one's")
@@ -354,7 +405,7 @@ class Pipeline:
               table, "",
               f"Final model ({last['name']}, saved as `{MODEL_FILE}`): {last['compression_ratio']:.1f}x smaller than "
               f"the dense fp32 model, accuracy {100 * last['accuracy']:.2f}% vs {100 * dense['accuracy']:.2f}% "
-              f"({summary['accuracy_drop_points']:+.2f} points lost)."]
+              f"({summary['accuracy_drop_points']:.2f} points lost)."]
         if cfg.latency:
             md.append(f"Latency vs dense: {summary['speedup_b1']:.2f}x at batch 1, {summary['speedup_b256']:.2f}x at "
                       f"batch 256.")
@@ -384,11 +435,17 @@ class Pipeline:
         paths = []
         # 1. accuracy vs compressed size
         fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [s["bytes"] / 1024 for s in self.stages]
-        ys = [100 * s["accuracy"] for s in self.stages]
-        ax.plot(xs, ys, "o-", color="tab:blue")
-        for s, x, y in zip(self.stages, xs, ys):
-            ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        chains = {}
+        for s in self.stages:  # the dense network's chain and the student's chain
+            chains.setdefault("student" if s["name"].startswith("student") else "network", []).append(s)
+        for i, (label, chain) in enumerate(chains.items()):
+            xs = [s["bytes"] / 1024 for s in chain]
+            ys = [100 * s["accuracy"] for s in chain]
+            ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
+            for s, x, y in zip(chain, xs, ys):
+                ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if len(chains) > 1:
+            ax.legend(fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("saved model size (KiB, log scale)")
         ax.set_ylabel("test accuracy (%)")
