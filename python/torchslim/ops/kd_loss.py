@@ -130,11 +130,14 @@ def kd_kl_div(
             "kd_kl_div: teacher_logits requires grad, but the teacher gets no gradient from this loss; "
             "pass teacher_logits.detach() (or compute the teacher under torch.no_grad())"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
+    if torch.compiler.is_compiling():
+        pass  # may be symbolic (e.g. an annealed temperature): the op's TORCH_CHECK validates it at run time
+    elif isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):
         raise TypeError(f"kd_kl_div: temperature must be a real number, got {type(temperature).__name__}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0.0):
-        raise ValueError(f"kd_kl_div: temperature must be a finite number > 0, got {temperature}")
+    else:
+        temperature = float(temperature)
+        if not (math.isfinite(temperature) and temperature > 0.0):
+            raise ValueError(f"kd_kl_div: temperature must be a finite number > 0, got {temperature}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"kd_kl_div: reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
 
