@@ -118,9 +118,6 @@ def test_op_compile_dynamic_batch(name):
     assert counter.frame_count == 1, f"recompiled for a new batch size ({counter.frame_count} graphs)"
 
 
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                   reason="ops/kd_loss.py checks math.isfinite(temperature), which dynamo cannot trace "
-                          "once the temperature is a symbolic float")
 @pytest.mark.parametrize("case", ["op_temperature_schedule", "kdloss_dynamic_true"])
 def test_kd_symbolic_temperature(case):
     """A temperature that changes between calls (annealing; dynamo then makes it a symbolic

@@ -36,6 +36,7 @@ _LAZY = {
     "save": ("torchslim.io", "save"),
     "load": ("torchslim.io", "load"),
     "to_dense": ("torchslim.io", "to_dense"),
+    "to_sparse": ("torchslim.io", "to_sparse"),
 }
 
 
