@@ -72,13 +72,14 @@ def test_no_bias_and_wide_indices():
     # in_features > 32767 needs int32 column indices.
     x, w, mask, _ = sample_inputs((3,), 33000, 3, 0.99, requires_grad=True)
     check_against_reference(x, w, mask, None, TOL[torch.float32])
-    row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = ops._masked_structure(mask)
+    row_ptr, col_idx, t_row_ptr, t_col_idx = ops._masked_structure(mask)
     assert col_idx.dtype == torch.int32 and t_col_idx.dtype == torch.int16
 
 
 def test_structure_layout():
     mask = torch.tensor([[True, False, True], [False, False, False], [False, True, True]])
-    row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = ops._masked_structure(mask)
+    row_ptr, col_idx, t_row_ptr, t_col_idx = ops._masked_structure(mask)
+    t_perm = ops._masked_structure_perm(row_ptr, col_idx, t_row_ptr)
     assert row_ptr.tolist() == [0, 2, 2, 4] and col_idx.tolist() == [0, 2, 1, 2]
     assert t_row_ptr.tolist() == [0, 1, 2, 4] and t_col_idx.tolist() == [0, 2, 0, 2]
     assert t_perm.tolist() == [0, 2, 1, 3]
@@ -198,7 +199,7 @@ def test_not_a_tensor():
 
 def test_structure_ops_check_arguments():
     mask = torch.rand(6, 8) < 0.5
-    row_ptr, col_idx, _, _, _ = ops._masked_structure(mask)
+    row_ptr, col_idx, _, _ = ops._masked_structure(mask)
     values = ops._masked_gather(torch.randn(6, 8), row_ptr, col_idx, False)
     x = torch.randn(2, 8)
     with pytest.raises(RuntimeError, match="values"):
@@ -230,7 +231,8 @@ def test_opcheck():
         torch.library.opcheck(ops.masked_linear_grad_input.default, (g, w.detach(), mask))
         torch.library.opcheck(ops.masked_linear_grad_weight.default, (g, x.detach(), mask))
     x, w, mask, b = sample_inputs((5,), 12, 10, 0.8)
-    row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm = ops._masked_structure(mask)
+    row_ptr, col_idx, t_row_ptr, t_col_idx = ops._masked_structure(mask)
+    t_perm = ops._masked_structure_perm(row_ptr, col_idx, t_row_ptr)
     values = ops._masked_gather(w, row_ptr, col_idx, False)
     values_t = ops._masked_gather(w, t_row_ptr, t_col_idx, True)
     assert torch.equal(values_t, values[t_perm.long()])
@@ -238,6 +240,10 @@ def test_opcheck():
     torch.library.opcheck(ops._masked_gather.default, (w, row_ptr, col_idx, False), test_utils=checks)
     torch.library.opcheck(ops._masked_spmm.default, (x, values, row_ptr, col_idx, b), test_utils=checks)
     torch.library.opcheck(ops._masked_structure.default, (mask,), test_utils=("test_schema",))
+    torch.library.opcheck(ops._masked_structure_perm.default, (row_ptr, col_idx, t_row_ptr), test_utils=checks)
+    torch.library.opcheck(ops._masked_sddmm.default, (torch.randn(5, 10), x, row_ptr, col_idx), test_utils=checks)
+    dw = ops._masked_sddmm(torch.ones(5, 10), x, row_ptr, col_idx)
+    torch.testing.assert_close(dw, torch.where(mask, torch.ones(5, 10).t() @ x, torch.zeros(())))
     for need in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(ops._masked_backward.default,
                               (torch.randn(5, 10), x, values_t, row_ptr, col_idx, t_row_ptr, t_col_idx, *need), test_utils=checks)

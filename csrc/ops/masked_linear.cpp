@@ -6,7 +6,9 @@
 //   masked_linear_grad_input(grad_output, weight, mask)     grad_output @ (weight*mask)
 //   masked_linear_grad_weight(grad_output, input, mask)     (grad_output^T input) at kept positions
 // Structure ops used by torchslim.nn.MaskedSparseLinear, which caches the structure:
-//   _masked_structure(mask) -> (row_ptr, col_idx, t_row_ptr, t_col_idx, t_perm)
+//   _masked_structure(mask) -> (row_ptr, col_idx, t_row_ptr, t_col_idx)
+//   _masked_structure_perm(row_ptr, col_idx, t_row_ptr) -> t_perm (values_t = values[t_perm])
+//   _masked_sddmm(grad_output, input, row_ptr, col_idx) -> dense-shaped dW, zero off the structure
 //   _masked_gather(weight, row_ptr, col_idx, transposed) -> values (float32, float64 for float64)
 //   _masked_spmm(input, values, row_ptr, col_idx, bias) -> input @ S^T + bias
 //   _masked_backward(grad_output, input, values_t, structures, need_input, need_weight)
@@ -535,30 +537,62 @@ Tensor masked_linear_grad_weight(const Tensor& grad_output, const Tensor& input,
 
 // ---------------------------------------------------------------- structure ops
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_structure(const Tensor& mask) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> masked_structure(const Tensor& mask) {
   TORCH_CHECK(mask.dim() == 2, "_masked_structure: mask must be 2-D [out_features, in_features], got shape ", mask.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kBool, "_masked_structure: mask must be a bool tensor, got ", mask.scalar_type());
   auto [ptr, idx] = build_structure(mask, false);
   auto [t_ptr, t_idx] = build_structure(mask, true);
+  return {ptr, idx, t_ptr, t_idx};
+}
+
+// t_perm[j] = position in the row structure of the j-th entry of the column structure, so
+// that the transposed values are values[t_perm] (no strided pass over the dense weight).
+Tensor masked_structure_perm(const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr) {
+  check_structure("_masked_structure_perm", row_ptr, col_idx, row_ptr.device());
+  TORCH_CHECK(t_row_ptr.dim() == 1 && t_row_ptr.size(0) >= 1 && t_row_ptr.scalar_type() == at::kInt &&
+                  t_row_ptr.device() == row_ptr.device() && t_row_ptr.is_contiguous(),
+              "_masked_structure_perm: t_row_ptr must be a contiguous 1-D int32 tensor on ", row_ptr.device());
+  const int64_t n = row_ptr.size(0) - 1, cols = t_row_ptr.size(0) - 1;
   Tensor perm;
 #ifdef TORCHSLIM_WITH_CUDA
-  if (mask.is_cuda()) {
+  if (row_ptr.is_cuda()) {
     // Entries in row order, sorted by (column, row): the column structure's order.
-    const int64_t n = mask.size(0);
-    Tensor rows = at::repeat_interleave(at::arange(n, ptr.options().dtype(at::kLong)), ptr.diff().to(at::kLong),
-                                        idx.size(0));
-    Tensor key = idx.to(at::kLong) * n + rows;
-    perm = std::get<1>(key.sort(/*stable=*/true, 0, false)).to(at::kInt);
-  } else
-#endif
-  {
-    perm = at::empty({idx.size(0)}, ptr.options());
-    with_index(idx, [&](auto* ci) {
-      mk::transpose_perm(ptr.data_ptr<int32_t>(), ci, mask.size(0), t_ptr.data_ptr<int32_t>(), mask.size(1),
-                         perm.data_ptr<int32_t>());
-    });
+    Tensor rows = at::repeat_interleave(at::arange(n, row_ptr.options().dtype(at::kLong)),
+                                        row_ptr.diff().to(at::kLong), col_idx.size(0));
+    Tensor key = col_idx.to(at::kLong) * n + rows;
+    return std::get<1>(key.sort(/*stable=*/true, 0, false)).to(at::kInt);
   }
-  return {ptr, idx, t_ptr, t_idx, perm};
+#endif
+  const int32_t* tp = t_row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(tp[0] == 0 && tp[cols] == col_idx.size(0), "_masked_structure_perm: t_row_ptr must start at 0 and end at nnz = ",
+              col_idx.size(0));
+  perm = at::empty({col_idx.size(0)}, row_ptr.options());
+  with_index(col_idx, [&](auto* ci) {
+    for (int64_t k = 0; k < col_idx.size(0); ++k) {
+      TORCH_CHECK(ci[k] >= 0 && ci[k] < cols, "_masked_structure_perm: col_idx entry ", ci[k], " outside [0, ", cols, ")");
+    }
+    mk::transpose_perm(row_ptr.data_ptr<int32_t>(), ci, n, tp, cols, perm.data_ptr<int32_t>());
+  });
+  return perm;
+}
+
+Tensor masked_sddmm(const Tensor& grad_output, const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx) {
+  TORCH_CHECK(input.dim() >= 1 && is_floating(input.scalar_type()) && grad_output.scalar_type() == input.scalar_type(),
+              "_masked_sddmm: input and grad_output must share a floating dtype, got ", input.scalar_type(), " and ",
+              grad_output.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "_masked_sddmm: grad_output and input must be on one device, got ",
+              grad_output.device(), " and ", input.device());
+  check_structure("_masked_sddmm", row_ptr, col_idx, input.device());
+  const int64_t N = row_ptr.size(0) - 1, K = input.size(-1);
+  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N, "_masked_sddmm: grad_output.shape[-1] must be ", N,
+              ", got shape ", grad_output.sizes());
+  TORCH_CHECK(col_idx.scalar_type() == index_type_for(K) || col_idx.scalar_type() == at::kInt,
+              "_masked_sddmm: col_idx of ", col_idx.scalar_type(), " cannot index in_features = ", K);
+  const Tensor x2d = input.reshape({-1, K});
+  const Tensor g2d = grad_output.reshape({-1, N});
+  TORCH_CHECK(x2d.size(0) == g2d.size(0), "_masked_sddmm: input and grad_output must have the same number of rows, got ",
+              x2d.size(0), " and ", g2d.size(0));
+  return sddmm_any(g2d, x2d, row_ptr, col_idx);
 }
 
 Tensor masked_gather(const Tensor& weight, const Tensor& row_ptr, const Tensor& col_idx, bool transposed) {
@@ -639,7 +673,9 @@ void define_masked_linear_ops(torch::Library& m) {
   m.def("masked_linear(Tensor input, Tensor weight, Tensor mask, Tensor? bias=None) -> Tensor");
   m.def("masked_linear_grad_input(Tensor grad_output, Tensor weight, Tensor mask) -> Tensor");
   m.def("masked_linear_grad_weight(Tensor grad_output, Tensor input, Tensor mask) -> Tensor");
-  m.def("_masked_structure(Tensor mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_masked_structure(Tensor mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_masked_structure_perm(Tensor row_ptr, Tensor col_idx, Tensor t_row_ptr) -> Tensor");
+  m.def("_masked_sddmm(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx) -> Tensor");
   m.def("_masked_gather(Tensor weight, Tensor row_ptr, Tensor col_idx, bool transposed) -> Tensor");
   m.def("_masked_spmm(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias=None) -> Tensor");
   m.def("_masked_backward(Tensor grad_output, Tensor input, Tensor values_t, Tensor row_ptr, Tensor col_idx, "
@@ -651,6 +687,8 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("masked_linear_grad_input", &masked_linear_grad_input);
   m.impl("masked_linear_grad_weight", &masked_linear_grad_weight);
   m.impl("_masked_structure", &masked_structure);
+  m.impl("_masked_structure_perm", &masked_structure_perm);
+  m.impl("_masked_sddmm", &masked_sddmm);
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
   m.impl("_masked_backward", &masked_backward);
@@ -662,6 +700,8 @@ TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
   m.impl("masked_linear_grad_input", &masked_linear_grad_input);
   m.impl("masked_linear_grad_weight", &masked_linear_grad_weight);
   m.impl("_masked_structure", &masked_structure);
+  m.impl("_masked_structure_perm", &masked_structure_perm);
+  m.impl("_masked_sddmm", &masked_sddmm);
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
   m.impl("_masked_backward", &masked_backward);

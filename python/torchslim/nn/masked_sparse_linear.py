@@ -38,7 +38,8 @@ class _Structure:
         self.mask = mask
         self.version = mask._version
         self.ptr = mask.data_ptr()
-        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx, self.t_perm = _ops._masked_structure(mask)
+        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
+        self.t_perm = _ops._masked_structure_perm(self.row_ptr, self.col_idx, self.t_row_ptr)
         self.nnz = int(self.col_idx.shape[0])
         self.density = self.nnz / mask.numel() if mask.numel() else 0.0
         large = mask.numel() * 4 > LARGE_WEIGHT_BYTES

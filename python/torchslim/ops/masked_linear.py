@@ -97,8 +97,17 @@ def _structure_fake(mask):
     nnz = torch.library.get_ctx().new_dynamic_size()
     n, k = mask.shape
     return (mask.new_empty(n + 1, dtype=torch.int32), mask.new_empty(nnz, dtype=_index_dtype(k)),
-            mask.new_empty(k + 1, dtype=torch.int32), mask.new_empty(nnz, dtype=_index_dtype(n)),
-            mask.new_empty(nnz, dtype=torch.int32))
+            mask.new_empty(k + 1, dtype=torch.int32), mask.new_empty(nnz, dtype=_index_dtype(n)))
+
+
+@torch.library.register_fake("torchslim::_masked_structure_perm")
+def _structure_perm_fake(row_ptr, col_idx, t_row_ptr):
+    return col_idx.new_empty(col_idx.shape[0], dtype=torch.int32)
+
+
+@torch.library.register_fake("torchslim::_masked_sddmm")
+def _sddmm_fake(grad_output, input, row_ptr, col_idx):
+    return input.new_empty((row_ptr.shape[0] - 1, input.shape[-1]))
 
 
 @torch.library.register_fake("torchslim::_masked_gather")
