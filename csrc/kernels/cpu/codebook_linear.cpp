@@ -295,16 +295,6 @@ TS_AVX2 void avx2_gemv(const D& dec, const CodebookIndices& w, const float* tabl
 
 // ---------------------------------------------------------------- AVX-512 bodies
 constexpr int64_t kPrefetchSteps = 8;  // 64-byte index lines ahead per stream
-struct Avx512Packed16 {  // K <= 16, packed: 16 bytes -> [even16 | odd16]
-  static constexpr int W = 32, BYTES = 16, NV = 2;
-  __m512 c;
-  TS_AVX512 explicit Avx512Packed16(const float* t) : c(_mm512_loadu_ps(t)) {}
-  TS_AVX512 inline void decode(const uint8_t* p, __m512* v) const {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    v[0] = _mm512_permutexvar_ps(d, c);
-    v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), c);
-  }
-};
 struct Avx512Byte16 {  // uint8, K <= 16
   static constexpr int W = 16, BYTES = 16, NV = 1;
   __m512 c;
