@@ -183,6 +183,24 @@ def test_gradients_match_reference(device, batch, k, packed):
     torch.testing.assert_close(b.grad.double(), br.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [3, 40])
+def test_cpu_codebook_gradient_is_deterministic_across_thread_counts(batch):
+    """Per-block partial histograms of fixed size, summed in block order: bit-equal results."""
+    x, ind, cb, b, _ = sample_inputs("cpu", torch.float32, (batch,), 200, 150, 256, requires_grad=True)
+    gy = torch.randn(batch, 150)
+    grads = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            cb.grad = None
+            codebook_linear(x, ind, cb, b).backward(gy)
+            grads.append(cb.grad.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_indices_get_no_gradient_and_only_requested_grads(device):
     x, ind, cb, b, _ = sample_inputs(device, torch.float32, (3,), 10, 5, 16, True)

@@ -294,17 +294,6 @@ TS_AVX2 void avx2_gemv(const D& dec, const CodebookIndices& w, const float* tabl
 }
 
 // ---------------------------------------------------------------- AVX-512 bodies
-constexpr int64_t kPrefetchSteps = 8;  // 64-byte index lines ahead per stream
-struct Avx512Packed16 {  // K <= 16, packed: 16 bytes -> [even16 | odd16]
-  static constexpr int W = 32, BYTES = 16, NV = 2;
-  __m512 c;
-  TS_AVX512 explicit Avx512Packed16(const float* t) : c(_mm512_loadu_ps(t)) {}
-  TS_AVX512 inline void decode(const uint8_t* p, __m512* v) const {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    v[0] = _mm512_permutexvar_ps(d, c);
-    v[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), c);
-  }
-};
 struct Avx512Byte16 {  // uint8, K <= 16
   static constexpr int W = 16, BYTES = 16, NV = 1;
   __m512 c;
@@ -421,12 +410,12 @@ TS_AVX512VBMI void vbmi_load_table(const float* table, VbmiTable& t) {
 }
 
 template <int NB>
-TS_AVX512VBMI void vbmi_row(const VbmiTable& t, const uint8_t* row, int64_t steps, const float* xs, int64_t xld,
-                            float* sums) {
+TS_AVX512VBMI void vbmi_row(const VbmiTable& t, const uint8_t* row, int64_t next_row, int64_t steps, const float* xs,
+                            int64_t xld, float* sums) {
   __m512 acc[NB][2];
   for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
   for (int64_t s = 0; s < steps; ++s) {
-    _mm_prefetch(reinterpret_cast<const char*>(row + (s + kPrefetchSteps) * 64), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(row + next_row + s * 64), _MM_HINT_T0);  // next row
     const __m512i v = _mm512_loadu_si512(row + s * 64);
     const __mmask64 hi = _mm512_movepi8_mask(v);
     __m512i pl[4];
@@ -462,10 +451,10 @@ TS_AVX512VBMI void vbmi_gemv(const CodebookIndices& w, const float* table, const
     const uint8_t* row = w.idx + o * w.ld;
     const float* xb = xs + b0 * xld;
     switch (nb) {
-      case 1: vbmi_row<1>(t, row, steps, xb, xld, sums); break;
-      case 2: vbmi_row<2>(t, row, steps, xb, xld, sums); break;
-      case 3: vbmi_row<3>(t, row, steps, xb, xld, sums); break;
-      default: vbmi_row<4>(t, row, steps, xb, xld, sums); break;
+      case 1: vbmi_row<1>(t, row, w.ld, steps, xb, xld, sums); break;
+      case 2: vbmi_row<2>(t, row, w.ld, steps, xb, xld, sums); break;
+      case 3: vbmi_row<3>(t, row, w.ld, steps, xb, xld, sums); break;
+      default: vbmi_row<4>(t, row, w.ld, steps, xb, xld, sums); break;
     }
   });
 }
@@ -484,9 +473,9 @@ TS_AVX512 void p128_rows(__m512 c, const uint8_t* idx, int64_t ld, int64_t n128,
   for (int64_t s = 0; s < n128; ++s) {
     __m512i d[R];
     for (int r = 0; r < R; ++r) {
-      // R concurrent index streams: prefetch kPrefetchSteps lines ahead in each, so a
-      // layer streamed from DRAM (not in cache) keeps enough misses in flight.
-      _mm_prefetch(reinterpret_cast<const char*>(idx + r * ld + (s + kPrefetchSteps) * 64), _MM_HINT_T0);
+      // R concurrent index streams: prefetch the same line of the next block of R rows (one
+      // block of work ahead), so a layer streamed from DRAM keeps its misses in flight.
+      _mm_prefetch(reinterpret_cast<const char*>(idx + (r + R) * ld + s * 64), _MM_HINT_T0);
       d[r] = _mm512_loadu_si512(idx + r * ld + s * 64);
     }
 #pragma GCC unroll 8
@@ -544,6 +533,8 @@ TS_AVX512 void p128_gemv(const CodebookIndices& w, const float* table, const flo
     const uint8_t* idx = w.idx + o * w.ld;
     if (R == 8)
       p128_dispatch<8>(c, nb, nr, idx, w.ld, n128, n32, xs + b0 * xld, xld, sums);
+    else if (R == 2)
+      p128_dispatch<2>(c, nb, nr, idx, w.ld, n128, n32, xs + b0 * xld, xld, sums);
     else
       p128_dispatch<4>(c, nb, nr, idx, w.ld, n128, n32, xs + b0 * xld, xld, sums);
   });
