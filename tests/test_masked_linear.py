@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import torchslim
 from torchslim.ops import masked_linear
 from torchslim.ops._reference import ref_masked_linear
 
@@ -286,8 +287,9 @@ print("ok")
 def test_simd_levels_agree(level):
     # The SIMD level is read once per process, so each capped level runs in a subprocess.
     env = dict(os.environ, TORCHSLIM_SIMD=level)
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root / "python"), env.get("PYTHONPATH", "")])
+    # The child imports the same torchslim as this process (installed or the source tree).
+    package_parent = os.path.dirname(os.path.dirname(torchslim.__file__))
+    env["PYTHONPATH"] = os.pathsep.join([package_parent, env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", SIMD_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr
 

@@ -3,6 +3,7 @@ and CLI argument errors."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -118,7 +119,9 @@ def test_global_codebook_npz_data(tmp_path):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    env = {"PYTHONPATH": str(ROOT / "python"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    # The child imports the same torchslim as this process (installed or the source tree).
+    package_parent = os.path.dirname(os.path.dirname(torchslim.__file__))
+    env = {"PYTHONPATH": package_parent, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torchslim", "run", "--help"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and "--sparsity" in r.stdout and "--global-codebook" in r.stdout
