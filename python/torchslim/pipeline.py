@@ -442,8 +442,11 @@ class Pipeline:
             xs = [s["bytes"] / 1024 for s in chain]
             ys = [100 * s["accuracy"] for s in chain]
             ax.plot(xs, ys, "o-", color=f"C{i}", label=label)
+            names = {}  # stages at the same point (shared and deploy: one file) share one label
             for s, x, y in zip(chain, xs, ys):
-                ax.annotate(s["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                names.setdefault((x, y), []).append(s["name"])
+            for (x, y), at_point in names.items():
+                ax.annotate(" = ".join(at_point), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         if len(chains) > 1:
             ax.legend(fontsize=8)
         ax.set_xscale("log")
