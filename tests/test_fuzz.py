@@ -83,10 +83,16 @@ def test_kd_kl_div_matches_reference(rows, classes, temperature, reduction, scal
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     else:
         # T**2 amplifies fp32 rounding (at T=100 the composite itself is off by ~1e-3), so
-        # the rule is flash-attention's: at most 2x PyTorch's own fp32 error vs float64.
+        # the rule is flash-attention's: the largest error is at most 2x the largest error of
+        # PyTorch's own fp32 composite vs float64 (over the whole output: a single row where
+        # the composite happens to round well says nothing about its precision).
         composite = ref_kd_kl_div(s, t, temperature, reduction).double()
         err, err_composite = (got.double() - want).abs(), (composite - want).abs()
-        assert bool((err <= 2 * err_composite + 1e-5 * (1 + want.abs())).all()), (got, want, composite)
+        # Floor: the loss is T**2 times differences of fp32 log-probabilities, so its rounding
+        # unit is T**2 * eps(fp32); below that, which of two fp32 computations wins is luck.
+        if want.numel():
+            floor = 1e-5 * (1 + want.abs().max()) + temperature ** 2 * torch.finfo(torch.float32).eps
+            assert bool((err <= 2 * err_composite.max() + floor).all()), (got, want, composite)
     assert bool((got >= -1e-3).all()), "KL divergence must not be negative beyond rounding"
 
 
@@ -165,7 +171,10 @@ def test_codebook_linear_wrong_arguments_raise(in_f, out_f, k, wrong, seed):
     elif wrong == "codebook_2d":
         codebook = codebook.reshape(1, -1)
     elif wrong == "in_features":
-        x = torch.randn(2, in_f + 3, generator=gen)
+        width = in_f + 3
+        if (width + 1) // 2 == in_f:
+            width += 2  # else the [out, in_f] bytes are a valid packed layout for `width` columns
+        x = torch.randn(2, width, generator=gen)
     elif wrong == "bias_len":
         b = torch.randn(out_f + 1, generator=gen)
     elif wrong == "codebook_int":
