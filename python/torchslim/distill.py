@@ -102,6 +102,14 @@ def fit(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3, o
     loss_fn = loss_fn or F.cross_entropy
     dev = _device_of(model, device)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
+    return _train_epochs(model, loader, opt, epochs, dev, lambda x, y, idx: loss_fn(model(x), y),
+                         on_step, progress, desc, "fit")
+
+
+def _train_epochs(model: nn.Module, loader: Iterable, opt, epochs: int, dev, batch_loss: Callable,
+                  on_step: Optional[Callable[[int], None]], progress: bool, desc: str, caller: str) -> list[float]:
+    """The loop fit and distill share: per batch, ``batch_loss(x, y, idx)`` on the device,
+    backward, optimizer step, ``on_step(step)``; returns the mean loss of each epoch."""
     model.train()
     history = []
     step = 0
@@ -109,10 +117,10 @@ def fit(model: nn.Module, loader: Iterable, epochs: int = 1, lr: float = 1e-3, o
         total, count = 0.0, 0
         bar = _progress(loader, progress, f"{desc} {epoch + 1}/{epochs}")
         for batch in bar:
-            x, y, _ = _split_batch(batch, "fit")
+            x, y, idx = _split_batch(batch, caller)
             x, y = x.to(dev), y.to(dev)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = batch_loss(x, y, idx)
             loss.backward()
             opt.step()
             step += 1
@@ -222,47 +230,30 @@ def distill(student: nn.Module, teacher: nn.Module, loader: Iterable, epochs: in
     gen = torch.Generator(device=dev).manual_seed(int(seed)) if mixup else None
     teacher_was_training = teacher.training
     teacher.eval()
-    student.train()
-    history = []
     teacher_samples = 0
-    step = 0
+
+    def batch_loss(x, y, idx):
+        nonlocal teacher_samples
+        if cache is not None:
+            t_logits = cache.get(teacher, x, idx, dev)
+        else:
+            with torch.no_grad():
+                t_logits = teacher(x).detach()
+            teacher_samples += x.shape[0]
+        if soft is None or x.shape[0] <= 1:
+            return kd(student(x), t_logits, y)
+        n = x.shape[0]
+        perm = torch.randperm(n, generator=gen, device=dev)
+        lam = torch.rand((n,) + (1,) * (x.dim() - 1), generator=gen, device=dev, dtype=x.dtype)
+        xm = lam * x + (1 - lam) * x[perm]
+        with torch.no_grad():
+            tm = teacher(xm).detach()
+        teacher_samples += n
+        out = student(torch.cat([x, xm]))
+        return kd(out[:n], t_logits, y) + soft(out[n:], tm)
+
     try:
-        for epoch in range(epochs):
-            total, count = 0.0, 0
-            bar = _progress(loader, progress, f"{desc} {epoch + 1}/{epochs}")
-            for batch in bar:
-                x, y, idx = _split_batch(batch, "distill")
-                x, y = x.to(dev), y.to(dev)
-                if cache is not None:
-                    t_logits = cache.get(teacher, x, idx, dev)
-                else:
-                    with torch.no_grad():
-                        t_logits = teacher(x).detach()
-                    teacher_samples += x.shape[0]
-                opt.zero_grad(set_to_none=True)
-                if soft is not None and x.shape[0] > 1:
-                    n = x.shape[0]
-                    perm = torch.randperm(n, generator=gen, device=dev)
-                    lam = torch.rand((n,) + (1,) * (x.dim() - 1), generator=gen, device=dev, dtype=x.dtype)
-                    xm = lam * x + (1 - lam) * x[perm]
-                    with torch.no_grad():
-                        tm = teacher(xm).detach()
-                    teacher_samples += n
-                    out = student(torch.cat([x, xm]))
-                    loss = kd(out[:n], t_logits, y) + soft(out[n:], tm)
-                else:
-                    loss = kd(student(x), t_logits, y)
-                loss.backward()
-                opt.step()
-                step += 1
-                if on_step is not None:
-                    on_step(step)
-                n = x.shape[0]
-                total += float(loss.detach()) * n
-                count += n
-                bar.set_postfix(loss=f"{total / max(count, 1):.4f}", refresh=False)
-            bar.close()
-            history.append(total / max(count, 1))
+        history = _train_epochs(student, loader, opt, epochs, dev, batch_loss, on_step, progress, desc, "distill")
     finally:
         teacher.train(teacher_was_training)
     if stats is not None:
