@@ -13,6 +13,7 @@
 //    in a fixed order, writes its block's partial, and a second kernel adds the blocks in
 //    order.
 #include "kernels/cuda/codebook_linear.h"
+#include "kernels/cuda/accumulate.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,21 +22,6 @@
 namespace torchslim {
 namespace cuda {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(float v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
-template <typename T> __device__ __forceinline__ T from_acc(double v);
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 
 __device__ __forceinline__ int index_at(const CbIndices& w, const uint8_t* row, int64_t j) {
   if (w.packed) return (row[j >> 1] >> ((j & 1) * 4)) & 0x0F;

@@ -13,24 +13,11 @@
 #include <cstdint>
 
 #include "kernels/cuda/kd_loss.h"
+#include "kernels/cuda/accumulate.cuh"
 
 namespace torchslim {
 namespace cuda {
 namespace {
-
-template <class T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <class T> __device__ __forceinline__ T from_acc(float v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-__device__ __forceinline__ double from_acc_d(double v) { return v; }
 
 __device__ __forceinline__ float fexp2(float x) { return exp2f(x); }
 __device__ __forceinline__ double fexp2(double x) { return exp2(x); }
@@ -188,16 +175,14 @@ __global__ void __launch_bounds__(THREADS_PER_ROW == 32 ? 256 : THREADS_PER_ROW)
     for (int k = 0; k < VEC; ++k) {
       const A es = fexp2((to_acc(ps.v[k]) - sh_s) * kk), et = fexp2((to_acc(pt.v[k]) - sh_t) * kk);
       const A v = same ? cs * (es - et) : cs * es - ct * et;
-      if constexpr (sizeof(A) == sizeof(T) && sizeof(A) == 8) out.v[k] = from_acc_d(v);
-      else out.v[k] = from_acc<T>(v);
+      out.v[k] = from_acc<T>(v);
     }
     gv[j] = out;
   }
   for (int64_t i = nvec * VEC + lane_in_row; i < C; i += THREADS_PER_ROW) {
     const A es = fexp2((to_acc(s[i]) - sh_s) * kk), et = fexp2((to_acc(t[i]) - sh_t) * kk);
     const A v = same ? cs * (es - et) : cs * es - ct * et;
-    if constexpr (sizeof(A) == sizeof(T) && sizeof(A) == 8) grow[i] = from_acc_d(v);
-    else grow[i] = from_acc<T>(v);
+    grow[i] = from_acc<T>(v);
   }
 }
 

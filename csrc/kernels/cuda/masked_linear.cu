@@ -1,6 +1,7 @@
 // CUDA kernels of the masked sparse linear op: CSR SpMM (forward and input gradient) and
 // SDDMM (weight gradient at the kept positions). Torch-free; see masked_linear.h.
 #include "kernels/cuda/masked_linear.h"
+#include "kernels/cuda/accumulate.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -13,20 +14,6 @@ namespace torchslim {
 namespace cuda {
 namespace masked {
 namespace {
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float v) { return v; }
-__device__ __forceinline__ double to_acc(double v) { return v; }
-__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
-template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16(v); }
 
 template <typename A>
 __device__ __forceinline__ A warp_sum(A v) {
