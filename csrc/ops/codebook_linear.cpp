@@ -141,8 +141,9 @@ Layout check_weights(const at::Tensor& indices, const at::Tensor& codebook, int6
   return L;
 }
 
-cpu::CodebookIndices cpu_view(const Layout& L, const at::Tensor& idx) {
-  cpu::CodebookIndices w;
+// The kernels' view of the (checked) index tensor, on whichever device it lives.
+CodebookIndices indices_view(const Layout& L, const at::Tensor& idx) {
+  CodebookIndices w;
   w.idx = idx.data_ptr<uint8_t>();
   w.ld = idx.stride(0);
   w.out = L.out;
@@ -156,7 +157,7 @@ cpu::CodebookIndices cpu_view(const Layout& L, const at::Tensor& idx) {
 void check_index_range_cpu(const Layout& L, const at::Tensor& idx) {
   const int64_t limit = L.packed ? 16 : 256;
   if (L.K >= limit || L.out == 0 || L.in == 0) return;
-  const cpu::CodebookIndices w = cpu_view(L, idx);
+  const cpu::CodebookIndices w = indices_view(L, idx);
   int max_index = 0;
   std::atomic<int> shared_max{0};
   at::parallel_for(0, L.out, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(L.in, 1)),
@@ -223,7 +224,7 @@ void forward_cpu_impl(const Layout& L, const at::Tensor& x2, const at::Tensor& i
                       const at::Tensor& bias, at::Tensor& y2) {
   const int64_t B = x2.size(0);
   const std::vector<T> table = padded_table<T>(codebook);
-  const cpu::CodebookIndices w = cpu_view(L, idx);
+  const cpu::CodebookIndices w = indices_view(L, idx);
   const T* bptr = bias.defined() ? bias.data_ptr<T>() : nullptr;
   if (B <= gemv_max_batch(L, std::is_same_v<T, double>)) {
     const T* x = x2.data_ptr<T>();
@@ -291,7 +292,7 @@ template <typename T>
 void grad_input_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Tensor& idx, const at::Tensor& codebook,
                          at::Tensor& dx) {
   const std::vector<T> table = padded_table<T>(codebook);
-  const cpu::CodebookIndices w = cpu_view(L, idx);
+  const cpu::CodebookIndices w = indices_view(L, idx);
   const int64_t T_rows = tile_rows(L);
   at::Tensor tile = scratch_tile(std::min(T_rows, L.out), L.in, g2.scalar_type());
   for (int64_t o0 = 0; o0 < L.out; o0 += T_rows) {
@@ -331,7 +332,7 @@ at::Tensor codebook_linear_grad_input_cpu(const at::Tensor& grad, const at::Tens
 template <typename T>
 void grad_codebook_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Tensor& x2, const at::Tensor& idx,
                             std::vector<double>& hist) {
-  const cpu::CodebookIndices w = cpu_view(L, idx);
+  const cpu::CodebookIndices w = indices_view(L, idx);
   const int64_t B = g2.size(0);
   const int64_t K = L.K;
   const int64_t nblocks = (L.out + kHistBlockRows - 1) / kHistBlockRows;
@@ -419,23 +420,12 @@ cuda::CbDType cuda_dtype(at::ScalarType t) {
   return cuda::CbDType::F32;
 }
 
-cuda::CbIndices cuda_view(const Layout& L, const at::Tensor& idx) {
-  cuda::CbIndices w;
-  w.idx = idx.data_ptr<uint8_t>();
-  w.ld = idx.stride(0);
-  w.out = L.out;
-  w.in = L.in;
-  w.packed = L.packed;
-  w.num_clusters = static_cast<int>(L.K);
-  return w;
-}
-
 // Scan on the device; one synchronisation, only when the layout can hold a value >= K.
 void check_index_range_cuda(const Layout& L, const at::Tensor& idx) {
   const int64_t limit = L.packed ? 16 : 256;
   if (L.K >= limit || L.out == 0 || L.in == 0) return;
   at::Tensor m = at::zeros({1}, idx.options().dtype(at::kInt));
-  TS_CUDA_CHECK(cuda::codebook_max_index(cuda_view(L, idx), m.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()));
+  TS_CUDA_CHECK(cuda::codebook_max_index(indices_view(L, idx), m.data_ptr<int>(), c10::cuda::getCurrentCUDAStream()));
   const int max_index = m.item<int>();
   TORCH_CHECK(max_index < L.K, "codebook_linear: indices contain the value ", max_index,
               " but codebook has only ", L.K, " entries (valid indices are 0..", L.K - 1, ")");
@@ -467,7 +457,7 @@ at::Tensor codebook_linear_cuda(const at::Tensor& input, const at::Tensor& indic
       if (b.defined()) y2.copy_(b.unsqueeze(0).expand({B, L.out}));
       else y2.zero_();
     } else if (B <= kCudaGemvMaxBatch) {
-      TS_CUDA_CHECK(cuda::codebook_gemv(cuda_view(L, idx), cb.data_ptr(), x2.data_ptr(), B, b.defined() ? b.data_ptr() : nullptr,
+      TS_CUDA_CHECK(cuda::codebook_gemv(indices_view(L, idx), cb.data_ptr(), x2.data_ptr(), B, b.defined() ? b.data_ptr() : nullptr,
                           y2.data_ptr(), cuda_dtype(x2.scalar_type()), stream));
     } else {
       // Decode W to the input dtype, tile by tile (the whole W when it has at most
@@ -477,7 +467,7 @@ at::Tensor codebook_linear_cuda(const at::Tensor& input, const at::Tensor& indic
       for (int64_t o0 = 0; o0 < L.out; o0 += rows) {
         const int64_t o1 = std::min(L.out, o0 + rows);
         at::Tensor t = wd.narrow(0, 0, o1 - o0);
-        TS_CUDA_CHECK(cuda::codebook_decode(cuda_view(L, idx), cb.data_ptr(), t.data_ptr(), L.in, o0, o1,
+        TS_CUDA_CHECK(cuda::codebook_decode(indices_view(L, idx), cb.data_ptr(), t.data_ptr(), L.in, o0, o1,
                                             cuda_dtype(x2.scalar_type()), stream));
         at::Tensor ys = y2.narrow(1, o0, o1 - o0);
         if (b.defined()) at::addmm_out(ys, b.narrow(0, o0, o1 - o0), x2, t.t());
@@ -507,7 +497,7 @@ at::Tensor codebook_linear_grad_input_cuda(const at::Tensor& grad, const at::Ten
     for (int64_t o0 = 0; o0 < L.out; o0 += rows) {
       const int64_t o1 = std::min(L.out, o0 + rows);
       at::Tensor t = wd.narrow(0, 0, o1 - o0);
-      TS_CUDA_CHECK(cuda::codebook_decode(cuda_view(L, idx), cb.data_ptr(), t.data_ptr(), L.in, o0, o1,
+      TS_CUDA_CHECK(cuda::codebook_decode(indices_view(L, idx), cb.data_ptr(), t.data_ptr(), L.in, o0, o1,
                                           cuda_dtype(g2.scalar_type()), c10::cuda::getCurrentCUDAStream()));
       dx.addmm_(g2.narrow(1, o0, o1 - o0), t);
     }
@@ -541,7 +531,7 @@ at::Tensor codebook_linear_grad_codebook_cuda(const at::Tensor& grad, const at::
     auto stream = c10::cuda::getCurrentCUDAStream();
     if (B <= kCudaGemvMaxBatch) {
       // dW formed on the fly inside the binning kernel.
-      const cuda::CbIndices w = cuda_view(L, idx);
+      const cuda::CbIndices w = indices_view(L, idx);
       at::Tensor partial =
           deterministic ? at::empty({cuda::codebook_grad_partial_blocks(w), L.K}, hist.options()) : at::Tensor();
       TS_CUDA_CHECK(cuda::codebook_grad_codebook(w, nullptr, 0, g2.data_ptr(), x2.data_ptr(), B,
@@ -556,7 +546,7 @@ at::Tensor codebook_linear_grad_codebook_cuda(const at::Tensor& grad, const at::
         const int64_t o1 = std::min(L.out, o0 + rows);
         at::Tensor t = dw.narrow(0, 0, o1 - o0);
         at::mm_out(t, g2.narrow(1, o0, o1 - o0).t(), x2);
-        cuda::CbIndices w = cuda_view(L, idx);
+        cuda::CbIndices w = indices_view(L, idx);
         w.idx += o0 * w.ld;
         w.out = o1 - o0;
         at::Tensor partial =

@@ -8,17 +8,12 @@
 #pragma once
 #include <cstdint>
 
+#include "kernels/codebook_indices.h"
+
 namespace torchslim {
 namespace cpu {
 
-struct CodebookIndices {
-  const uint8_t* idx;  // row o starts at idx + o * ld
-  int64_t ld;          // bytes between rows
-  int64_t out;         // rows (output features)
-  int64_t in;          // input features (weights per row)
-  bool packed;         // 4-bit layout
-  int num_clusters;    // K (<= 16 when packed, <= 256 otherwise)
-};
+using torchslim::CodebookIndices;
 
 // Largest index used by rows [r0, r1) (the padding nibble of an odd packed row is ignored).
 int codebook_max_index(const CodebookIndices& w, int64_t r0, int64_t r1);

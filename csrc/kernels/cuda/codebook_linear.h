@@ -5,20 +5,15 @@
 
 #include <cstdint>
 
+#include "kernels/codebook_indices.h"
+
 namespace torchslim {
 namespace cuda {
 
 enum class CbDType : int { F32 = 0, F64 = 1, F16 = 2, BF16 = 3 };
 
-// Same layout as the CPU side: uint8 [out, in] or packed 4-bit [out, ceil(in/2)] on the device.
-struct CbIndices {
-  const uint8_t* idx;
-  int64_t ld;  // bytes between rows
-  int64_t out;
-  int64_t in;
-  bool packed;
-  int num_clusters;
-};
+// The CPU side's index view (kernels/codebook_indices.h), pointing at device memory.
+using CbIndices = torchslim::CodebookIndices;
 
 // *max_index = largest index in use (device int, zero-initialised by the caller).
 cudaError_t codebook_max_index(const CbIndices& w, int* max_index, cudaStream_t stream);
