@@ -199,6 +199,31 @@ void check_input(const at::Tensor& input, const char* name) {
               " must be floating point (float32, float64, float16, bfloat16), got ", input.scalar_type());
 }
 
+// Argument checks of the two gradient ops, shared by their CPU and CUDA implementations.
+Layout check_grad_input_args(const at::Tensor& grad, const at::Tensor& indices, const at::Tensor& codebook,
+                             int64_t in_features) {
+  check_input(grad, "grad_output");
+  TORCH_CHECK(in_features >= 0, "codebook_linear: in_features must be >= 0, got ", in_features);
+  const Layout L = check_weights(indices, codebook, in_features, grad.device(), grad.scalar_type());
+  TORCH_CHECK(grad.size(-1) == L.out, "codebook_linear: grad_output last dimension must be ", L.out, ", got ",
+              grad.size(-1));
+  return L;
+}
+
+Layout check_grad_codebook_args(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& indices,
+                                const at::Tensor& codebook) {
+  check_input(grad, "grad_output");
+  check_input(input, "input");
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "codebook_linear: grad_output dtype ", grad.scalar_type(),
+              " differs from input dtype ", input.scalar_type());
+  TORCH_CHECK(grad.device() == input.device(), "codebook_linear: grad_output on ", grad.device(),
+              " but input on ", input.device());
+  const Layout L = check_weights(indices, codebook, input.size(-1), input.device(), input.scalar_type());
+  TORCH_CHECK(grad.size(-1) == L.out, "codebook_linear: grad_output last dimension must be ", L.out, ", got ",
+              grad.size(-1));
+  return L;
+}
+
 std::vector<int64_t> out_shape(const at::Tensor& t, int64_t last) {
   std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
   s.back() = last;
@@ -309,11 +334,7 @@ void grad_input_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Tensor
 
 at::Tensor codebook_linear_grad_input_cpu(const at::Tensor& grad, const at::Tensor& indices,
                                           const at::Tensor& codebook, int64_t in_features) {
-  check_input(grad, "grad_output");
-  TORCH_CHECK(in_features >= 0, "codebook_linear: in_features must be >= 0, got ", in_features);
-  const Layout L = check_weights(indices, codebook, in_features, grad.device(), grad.scalar_type());
-  TORCH_CHECK(grad.size(-1) == L.out, "codebook_linear: grad_output last dimension must be ", L.out, ", got ",
-              grad.size(-1));
+  const Layout L = check_grad_input_args(grad, indices, codebook, in_features);
   const at::Tensor idx = indices.contiguous();
   check_index_range_cpu(L, idx);
   const at::ScalarType ct = cpu_compute_type(grad.scalar_type());
@@ -373,15 +394,7 @@ void grad_codebook_cpu_impl(const Layout& L, const at::Tensor& g2, const at::Ten
 
 at::Tensor codebook_linear_grad_codebook_cpu(const at::Tensor& grad, const at::Tensor& input,
                                              const at::Tensor& indices, const at::Tensor& codebook) {
-  check_input(grad, "grad_output");
-  check_input(input, "input");
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "codebook_linear: grad_output dtype ", grad.scalar_type(),
-              " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK(grad.device() == input.device(), "codebook_linear: grad_output on ", grad.device(),
-              " but input on ", input.device());
-  const Layout L = check_weights(indices, codebook, input.size(-1), input.device(), input.scalar_type());
-  TORCH_CHECK(grad.size(-1) == L.out, "codebook_linear: grad_output last dimension must be ", L.out, ", got ",
-              grad.size(-1));
+  const Layout L = check_grad_codebook_args(grad, input, indices, codebook);
   const at::ScalarType ct = cpu_compute_type(grad.scalar_type());
   const at::Tensor g2 = grad.reshape({-1, L.out}).to(ct).contiguous();
   const at::Tensor x2 = input.reshape({-1, L.in}).to(ct).contiguous();
@@ -480,11 +493,7 @@ at::Tensor codebook_linear_cuda(const at::Tensor& input, const at::Tensor& indic
 
 at::Tensor codebook_linear_grad_input_cuda(const at::Tensor& grad, const at::Tensor& indices,
                                            const at::Tensor& codebook, int64_t in_features) {
-  check_input(grad, "grad_output");
-  TORCH_CHECK(in_features >= 0, "codebook_linear: in_features must be >= 0, got ", in_features);
-  const Layout L = check_weights(indices, codebook, in_features, grad.device(), grad.scalar_type());
-  TORCH_CHECK(grad.size(-1) == L.out, "codebook_linear: grad_output last dimension must be ", L.out, ", got ",
-              grad.size(-1));
+  const Layout L = check_grad_input_args(grad, indices, codebook, in_features);
   const c10::cuda::CUDAGuard guard(grad.device());
   const at::Tensor idx = indices.contiguous();
   check_index_range_cuda(L, idx);
@@ -507,15 +516,7 @@ at::Tensor codebook_linear_grad_input_cuda(const at::Tensor& grad, const at::Ten
 
 at::Tensor codebook_linear_grad_codebook_cuda(const at::Tensor& grad, const at::Tensor& input,
                                               const at::Tensor& indices, const at::Tensor& codebook) {
-  check_input(grad, "grad_output");
-  check_input(input, "input");
-  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), "codebook_linear: grad_output dtype ", grad.scalar_type(),
-              " differs from input dtype ", input.scalar_type());
-  TORCH_CHECK(grad.device() == input.device(), "codebook_linear: grad_output on ", grad.device(),
-              " but input on ", input.device());
-  const Layout L = check_weights(indices, codebook, input.size(-1), input.device(), input.scalar_type());
-  TORCH_CHECK(grad.size(-1) == L.out, "codebook_linear: grad_output last dimension must be ", L.out, ", got ",
-              grad.size(-1));
+  const Layout L = check_grad_codebook_args(grad, input, indices, codebook);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor g2 = grad.reshape({-1, L.out}).contiguous();
   const at::Tensor x2 = input.reshape({-1, L.in}).contiguous();
