@@ -39,6 +39,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def llc_bytes() -> int | None:
+    """Size of the largest CPU cache of cpu0 (the last-level cache) from sysfs, or None."""
+    best = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
+        best = max(best or 0, int(size.rstrip("KM")) * scale)
+    return best
+
+
 def machine_info(device: str = "cpu") -> dict:
     import torchslim
 

@@ -26,22 +26,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, time_ms, write_json  # noqa: E402
+from _common import llc_bytes, print_table, time_ms, write_json  # noqa: E402
 
 from torchslim.ops import codebook_linear  # noqa: E402
 from torchslim.ops._reference import pack_int4  # noqa: E402
-
-
-def llc_bytes() -> int:
-    best = 0
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            size = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
-        best = max(best, int(size.rstrip("KM")) * scale)
-    return best or (32 << 20)
 
 
 def floors(dev, quick):
@@ -74,7 +62,7 @@ def main() -> None:
     run = 0.05 if args.quick else 0.3
     shapes = [(1024, 1024)] if args.quick else [(1024, 1024), (4096, 4096)]
     batches = [1, 64] if args.quick else [1, 16, 256]
-    llc = llc_bytes() if dev.type == "cpu" else 50 << 20
+    llc = (llc_bytes() or (32 << 20)) if dev.type == "cpu" else 50 << 20
 
     bw_dram, bw_llc, gemm = floors(dev, args.quick)
     print(f"floors: read bandwidth DRAM {bw_dram:.1f} GB/s, LLC {bw_llc:.1f} GB/s, fp32 GEMM {gemm:.1f} GFLOP/s, "

@@ -9,24 +9,9 @@ dense fp32 GEMM rate (torch.mm) and dense GEMV time at 4096x4096 (bandwidth-boun
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 import torch
 
-from _common import print_table, time_ms, write_json
-
-
-def llc_bytes() -> int | None:
-    best = None
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            size = (index / "size").read_text().strip()
-        except OSError:
-            continue
-        scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1], 1)
-        value = int(size.rstrip("KM")) * scale
-        best = max(best or 0, value)
-    return best
+from _common import llc_bytes, print_table, time_ms, write_json
 
 
 def main() -> None:
