@@ -682,7 +682,9 @@ void define_masked_linear_ops(torch::Library& m) {
         "Tensor t_row_ptr, Tensor t_col_idx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+namespace {
+// The same functions serve both backends: each dispatches on the device inside.
+void impl_masked_linear_ops(torch::Library& m) {
   m.impl("masked_linear", &masked_linear);
   m.impl("masked_linear_grad_input", &masked_linear_grad_input);
   m.impl("masked_linear_grad_weight", &masked_linear_grad_weight);
@@ -693,19 +695,12 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("_masked_spmm", &masked_spmm);
   m.impl("_masked_backward", &masked_backward);
 }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) { impl_masked_linear_ops(m); }
 
 #ifdef TORCHSLIM_WITH_CUDA
-TORCH_LIBRARY_IMPL(torchslim, CUDA, m) {
-  m.impl("masked_linear", &masked_linear);
-  m.impl("masked_linear_grad_input", &masked_linear_grad_input);
-  m.impl("masked_linear_grad_weight", &masked_linear_grad_weight);
-  m.impl("_masked_structure", &masked_structure);
-  m.impl("_masked_structure_perm", &masked_structure_perm);
-  m.impl("_masked_sddmm", &masked_sddmm);
-  m.impl("_masked_gather", &masked_gather);
-  m.impl("_masked_spmm", &masked_spmm);
-  m.impl("_masked_backward", &masked_backward);
-}
+TORCH_LIBRARY_IMPL(torchslim, CUDA, m) { impl_masked_linear_ops(m); }
 #endif
 
 }  // namespace torchslim
