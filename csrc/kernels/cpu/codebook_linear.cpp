@@ -523,7 +523,8 @@ TS_AVX512 void p128_rows(__m512 c, const uint8_t* idx, int64_t ld, int64_t n128,
       __m512 xk[NB];
       for (int b = 0; b < NB; ++b) xk[b] = _mm512_loadu_ps(xs + b * xld + s * 128 + 16 * k);
       for (int r = 0; r < R; ++r) {
-        const __m512 wv = _mm512_permutexvar_ps(_mm512_srli_epi32(d[r], 4 * k), c);
+        const __m512 wv = _mm512_permutexvar_ps(d[r], c);
+        d[r] = _mm512_srli_epi32(d[r], 4);
         for (int b = 0; b < NB; ++b) acc[r][b] = _mm512_fmadd_ps(wv, xk[b], acc[r][b]);
       }
     }
