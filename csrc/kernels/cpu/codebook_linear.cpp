@@ -431,51 +431,74 @@ TS_AVX512VBMI inline void vbmi_words(const __m512i pl[4], __m512 f[4]) {
   f[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(a_hi, b_hi));
 }
 
-// Rows [0, nr) of idx (ld apart) against NB batch rows: sums[r * NB + b]. The (row, step)
-// pairs run as one software-pipelined stream: the table lookups of the next step (the next
-// row's first step at a row end) are issued before the unpacks and FMAs of the current one,
-// so the lookups (latency ~5 cycles; on Zen 4 they share a pipe with the FMAs) overlap the
-// previous step's work rather than wait on the out-of-order window, and a row end costs no
-// pipeline refill. The 16 table registers are loaded once per call.
-template <int NB>
-TS_AVX512VBMI void vbmi_rows(const VbmiTable& tab, const uint8_t* idx, int64_t ld, int nr, int64_t steps,
+// Rows [0, nr) of idx (ld apart, `in` weights each) against NB batch rows:
+// sums[r * NB + b]. The (row, step) pairs run as one software-pipelined stream: the table
+// lookups of the next step (the next row's first step at a row end) are issued before the
+// unpacks and FMAs of the current one, so the lookups (latency ~5 cycles; on Zen 4 they
+// share a pipe with the FMAs) overlap the previous step's work rather than wait on the
+// out-of-order window, and a row end costs no pipeline refill. The 16 table registers are
+// loaded once per call. A partial last step (in % 64 != 0) loads its index bytes with a mask
+// (no read past the row; masked-off lanes read index 0) and masks its FMAs, so those lanes
+// add nothing whatever table[0] holds; xs is zero-padded to whole steps.
+template <int NB, bool TAIL>
+TS_AVX512VBMI void vbmi_rows(const VbmiTable& tab, const uint8_t* idx, int64_t ld, int nr, int64_t in,
                              const float* xs, int64_t xld, float* sums) {
-  if (steps <= 0) {
+  const int64_t steps = (in + 63) / 64;
+  const int tail = static_cast<int>(in - (steps - 1) * 64);  // weights in the last step, 1..64
+  if (in <= 0 || nr <= 0) {
     for (int i = 0; i < nr * NB; ++i) sums[i] = 0.0f;
     return;
+  }
+  const __mmask64 kload = tail == 64 ? ~__mmask64(0) : (__mmask64(1) << tail) - 1;
+  __mmask16 kf[4];  // f[q] lane 4 l + t holds weight 16 l + 4 q + t
+  for (int q = 0; q < 4; ++q) {
+    unsigned m = 0;
+    for (int l = 0; l < 4; ++l)
+      for (int t = 0; t < 4; ++t)
+        if (16 * l + 4 * q + t < tail) m |= 1u << (4 * l + t);
+    kf[q] = static_cast<__mmask16>(m);
   }
   const VbmiTable t = tab;
   __m512 acc[NB][2];
   for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
-  __m512i pl[4];
-  vbmi_planes(t, _mm512_loadu_si512(idx), pl);
-  int r = 0;
-  int64_t s = 0;
-  const int64_t total = nr * steps;
-  for (int64_t g = 1; g <= total; ++g) {
-    // next (row, step) after (r, s)
-    const bool row_end = s + 1 == steps;
-    const uint8_t* nxt = row_end ? idx + (r + 1) * ld : idx + r * ld + (s + 1) * 64;
-    __m512i nx[4];
-    if (g < total) {
-      _mm_prefetch(reinterpret_cast<const char*>(idx + (r + 1) * ld + s * 64), _MM_HINT_T0);  // next row
-      vbmi_planes(t, _mm512_loadu_si512(nxt), nx);
-    }
+  // index bytes of step s of a row: the last step masked
+  auto planes = [&](const uint8_t* row, int64_t st, __m512i* out) TS_AVX512VBMI {
+    vbmi_planes(t, TAIL && st + 1 == steps ? _mm512_maskz_loadu_epi8(kload, row + st * 64)
+                                           : _mm512_loadu_si512(row + st * 64),
+                out);
+  };
+  __m512i pl[4], nx[4];
+  planes(idx, 0, pl);
+  for (int r = 0; r < nr; ++r) {
+    const uint8_t* row = idx + r * ld;
+    const float* xr = xs;
+    // full steps; the next step's lookups are issued before this step's unpacks and FMAs
+    auto full_step = [&](int64_t st, bool next_is_last) TS_AVX512VBMI {
+      _mm_prefetch(reinterpret_cast<const char*>(row + ld + st * 64), _MM_HINT_T0);  // next row
+      const uint8_t* p = row + (st + 1) * 64;
+      vbmi_planes(t, TAIL && next_is_last ? _mm512_maskz_loadu_epi8(kload, p) : _mm512_loadu_si512(p), nx);
+      __m512 f[4];
+      vbmi_words(pl, f);
+      for (int b = 0; b < NB; ++b)
+        for (int q = 0; q < 4; ++q)
+          acc[b][q & 1] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xr + b * xld + 16 * q), acc[b][q & 1]);
+      for (int q = 0; q < 4; ++q) pl[q] = nx[q];
+      xr += 64;
+    };
+    int64_t s = 0;
+    for (; s + 2 < steps; ++s) full_step(s, false);
+    if (s + 1 < steps) full_step(s, true);
+    // last step of the row (masked FMAs); the next row's first lookups first
+    if (r + 1 < nr) planes(row + ld, 0, nx);
     __m512 f[4];
     vbmi_words(pl, f);
     for (int b = 0; b < NB; ++b) {
-      const float* xb = xs + b * xld + s * 64;
-      for (int q = 0; q < 4; ++q) acc[b][q & 1] = _mm512_fmadd_ps(f[q], _mm512_loadu_ps(xb + 16 * q), acc[b][q & 1]);
-    }
-    if (row_end) {
-      for (int b = 0; b < NB; ++b) {
-        sums[r * NB + b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
-        acc[b][0] = acc[b][1] = _mm512_setzero_ps();
+      for (int q = 0; q < 4; ++q) {
+        const __m512 xv = _mm512_loadu_ps(xr + b * xld + 16 * q);
+        acc[b][q & 1] = TAIL ? _mm512_mask3_fmadd_ps(f[q], xv, acc[b][q & 1], kf[q]) : _mm512_fmadd_ps(f[q], xv, acc[b][q & 1]);
       }
-      ++r;
-      s = 0;
-    } else {
-      ++s;
+      sums[r * NB + b] = _mm512_reduce_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]));
+      acc[b][0] = acc[b][1] = _mm512_setzero_ps();
     }
     for (int q = 0; q < 4; ++q) pl[q] = nx[q];
   }
@@ -485,16 +508,21 @@ TS_AVX512VBMI void vbmi_gemv(const CodebookIndices& w, const float* table, const
                              int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1) {
   VbmiTable t;
   vbmi_load_table(table, t);
-  const int64_t steps = w.in / 64;
-  const int64_t xld = steps * 64;
-  drive_gemv(w, table, x, batch, bias, y, o0, o1, xld, 8, [&](int nb, int nr, int64_t o, int64_t b0, float* sums) {
+  const int64_t xld = (w.in + 63) / 64 * 64;
+  // every column is covered by the vector steps (the last one masked): no scalar tail
+  drive_gemv(w, table, x, batch, bias, y, o0, o1, w.in, 8, [&](int nb, int nr, int64_t o, int64_t b0, float* sums) {
     const uint8_t* rows = w.idx + o * w.ld;
     const float* xb = xs + b0 * xld;
-    switch (nb) {
-      case 1: vbmi_rows<1>(t, rows, w.ld, nr, steps, xb, xld, sums); break;
-      case 2: vbmi_rows<2>(t, rows, w.ld, nr, steps, xb, xld, sums); break;
-      case 3: vbmi_rows<3>(t, rows, w.ld, nr, steps, xb, xld, sums); break;
-      default: vbmi_rows<4>(t, rows, w.ld, nr, steps, xb, xld, sums); break;
+    const bool tail = w.in % 64 != 0;
+    switch (nb * 2 + tail) {
+      case 2: vbmi_rows<1, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 3: vbmi_rows<1, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 4: vbmi_rows<2, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 5: vbmi_rows<2, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 6: vbmi_rows<3, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 7: vbmi_rows<3, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 8: vbmi_rows<4, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      default: vbmi_rows<4, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
     }
   });
 }
@@ -692,6 +720,7 @@ static int packed_step(const CodebookIndices& w) {
 int64_t codebook_gemv_prepared_size(const CodebookIndices& w, int64_t batch) {
   const int step = packed_step(w);
   if (step == 0) return 0;
+  if (prep_kind(w) == Prep::Vbmi64) return batch * ((w.in + step - 1) / step) * step;  // zero-padded last step
   return batch * (w.in / step) * step;
 }
 
@@ -718,12 +747,16 @@ void codebook_gemv_prepare(const CodebookIndices& w, const float* x, int64_t bat
     return;
   }
   if (prep_kind(w) == Prep::Vbmi64) {
+    // step s, vector q, lane 4 l + t holds x[64 s + 16 l + 4 q + t]; zeros past in
+    const int64_t vsteps = (w.in + 63) / 64, vld = vsteps * 64;
     for (int64_t b = 0; b < batch; ++b)
-      for (int64_t s = 0; s < steps; ++s)
+      for (int64_t s = 0; s < vsteps; ++s)
         for (int q = 0; q < 4; ++q)
           for (int l = 0; l < 4; ++l)
-            for (int t = 0; t < 4; ++t)
-              prepared[b * xld + s * 64 + q * 16 + l * 4 + t] = x[b * w.in + s * 64 + 16 * l + 4 * q + t];
+            for (int t = 0; t < 4; ++t) {
+              const int64_t j = s * 64 + 16 * l + 4 * q + t;
+              prepared[b * vld + s * 64 + q * 16 + l * 4 + t] = j < w.in ? x[b * w.in + j] : 0.0f;
+            }
     return;
   }
   for (int64_t b = 0; b < batch; ++b) {
