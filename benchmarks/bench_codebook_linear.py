@@ -14,6 +14,12 @@ plus the layer's weight memory against fp32, and the machine's floors measured i
 run (read bandwidth from DRAM and from the last-level cache, fp32 GEMM rate).
 
     python benchmarks/bench_codebook_linear.py [--quick] [--device cpu|cuda] [--json PATH]
+    python benchmarks/bench_codebook_linear.py --gemv [--repeat N] [--threads T]
+
+--gemv: only the batch-1 warm rows at 4096 x 4096 (K = 16 packed, K = 256 uint8), dense and
+ours timed back to back N times (default 3: batch-1 dense times move by up to 30% from run
+to run on a shared machine), one row per repeat plus the median; writes
+benchmarks/results/codebook_linear_gemv.json.
 """
 from __future__ import annotations
 
@@ -51,12 +57,49 @@ def make_layer(out_f, in_f, k, dev, gen):
     return ind.to(dev), torch.randn(k, generator=gen).to(dev), torch.randn(out_f, generator=gen).to(dev)
 
 
+def gemv_main(args) -> None:
+    """Batch-1 warm 4096 x 4096: dense vs 4-bit vs 8-bit, repeated (see --gemv)."""
+    dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    n = 4096
+    x = torch.randn(1, n, generator=gen).to(dev)
+    w_dense = torch.randn(n, n, generator=gen).to(dev)
+    b_dense = torch.randn(n, generator=gen).to(dev)
+    layers = {k: make_layer(n, n, k, dev, gen) for k in (16, 256)}
+    rows = []
+    for rep in range(args.repeat):
+        d = time_ms(lambda: F.linear(x, w_dense, b_dense), min_run_time=0.3)
+        row = {"repeat": rep, "threads": torch.get_num_threads(), "dense": d["p50"], "dense_p20": d["p20"]}
+        for k, (ind, cb, bias) in layers.items():
+            o = time_ms(lambda: codebook_linear(x, ind, cb, bias), min_run_time=0.3)
+            row[f"K{k}"] = o["p50"]
+            row[f"K{k}_p20"] = o["p20"]
+            row[f"ratio_K{k}"] = d["p50"] / o["p50"]
+        rows.append(row)
+    med = {"repeat": "median", "threads": torch.get_num_threads()}
+    for c in ("dense", "dense_p20", "K16", "K16_p20", "ratio_K16", "K256", "K256_p20", "ratio_K256"):
+        med[c] = float(sorted(r[c] for r in rows)[len(rows) // 2])
+    rows.append(med)
+    print_table(rows, ["repeat", "threads", "dense", "dense_p20", "K16", "K16_p20", "ratio_K16", "K256", "K256_p20",
+                       "ratio_K256"],
+                title=f"codebook_linear batch 1, 4096x4096, warm ({args.device}; ms p50 / p20, ratio = dense p50 / ours p50)")
+    write_json("codebook_linear_gemv", rows, device=args.device, path=args.json)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="reduced set, a few seconds")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/codebook_linear.json)")
+    parser.add_argument("--gemv", action="store_true", help="only batch-1 warm 4096x4096 rows, repeated")
+    parser.add_argument("--repeat", type=int, default=3, help="repeats for --gemv")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads for --gemv (0: default)")
     args = parser.parse_args()
+    if args.gemv:
+        gemv_main(args)
+        return
     dev = torch.device(args.device)
     gen = torch.Generator().manual_seed(0)
     run = 0.05 if args.quick else 0.3
