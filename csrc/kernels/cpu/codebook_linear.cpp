@@ -150,15 +150,17 @@ TS_AVX2 int max_index_avx2(const CodebookIndices& w, int64_t r0, int64_t r1) {
   for (int64_t o = r0; o < r1; ++o) {
     const uint8_t* row = w.idx + o * w.ld;
     if (w.packed) {
+      // the high nibbles' maximum is the bytes' maximum >> 4; two single-maximum loops
+      // vectorise (one loop carrying both maxima did not: ~50x slower)
       const int64_t full = w.in / 2;
-      uint8_t lo = 0, hi = 0;
+      uint8_t lo = 0, mx = 0;
+      for (int64_t c = 0; c < full; ++c) mx = row[c] > mx ? row[c] : mx;
       for (int64_t c = 0; c < full; ++c) {
-        const uint8_t v = row[c];
-        lo = (v & 0x0F) > lo ? (v & 0x0F) : lo;
-        hi = (v >> 4) > hi ? (v >> 4) : hi;
+        const uint8_t v = static_cast<uint8_t>(row[c] & 0x0F);
+        lo = v > lo ? v : lo;
       }
       if (w.in & 1) lo = std::max<uint8_t>(lo, row[full] & 0x0F);
-      m = std::max<int>(m, std::max(lo, hi));
+      m = std::max<int>(m, std::max<int>(lo, mx >> 4));
     } else {
       uint8_t mx = 0;
       for (int64_t c = 0; c < w.in; ++c) mx = row[c] > mx ? row[c] : mx;
@@ -649,6 +651,38 @@ TS_AVX512VBMI void decode_vbmi(const CodebookIndices& w, const float* table, flo
   }
 }
 
+// Largest index, 64 index bytes per vpmaxub (4 independent maxima; the row end by a masked,
+// zero-filling load, which cannot raise the maximum). Packed rows: both nibbles of the
+// in / 2 full bytes, then the low nibble of the last byte of an odd row.
+TS_AVX512 int max_index_avx512(const CodebookIndices& w, int64_t r0, int64_t r1) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  const int64_t nbytes = w.packed ? w.in / 2 : w.in;
+  __m512i m[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  int extra = 0;
+  auto fold = [&](__m512i v, int a) TS_AVX512 {
+    if (w.packed)
+      m[a] = _mm512_max_epu8(m[a], _mm512_max_epu8(_mm512_and_si512(v, low4),
+                                                   _mm512_and_si512(_mm512_srli_epi16(v, 4), low4)));
+    else
+      m[a] = _mm512_max_epu8(m[a], v);
+  };
+  for (int64_t o = r0; o < r1; ++o) {
+    const uint8_t* row = w.idx + o * w.ld;
+    int64_t c = 0;
+    for (; c + 256 <= nbytes; c += 256)
+      for (int a = 0; a < 4; ++a) fold(_mm512_loadu_si512(row + c + 64 * a), a);
+    for (; c + 64 <= nbytes; c += 64) fold(_mm512_loadu_si512(row + c), 0);
+    if (c < nbytes) fold(_mm512_maskz_loadu_epi8((__mmask64(1) << (nbytes - c)) - 1, row + c), 1);
+    if (w.packed && (w.in & 1)) extra = std::max(extra, row[nbytes] & 0x0F);
+  }
+  const __m512i v = _mm512_max_epu8(_mm512_max_epu8(m[0], m[1]), _mm512_max_epu8(m[2], m[3]));
+  alignas(64) uint8_t b[64];
+  _mm512_store_si512(b, v);
+  int r = extra;
+  for (int i = 0; i < 64; ++i) r = std::max<int>(r, b[i]);
+  return r;
+}
+
 TS_AVX512 void decode_packed_avx512(const CodebookIndices& w, const float* table, float* dst, int64_t ld_dst,
                                     int64_t o0, int64_t o1) {
   const __m512 c = _mm512_loadu_ps(table);
@@ -690,6 +724,7 @@ TS_AVX512 void decode_bytes_avx512(const CodebookIndices& w, const float* table,
 
 int codebook_max_index(const CodebookIndices& w, int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
+  if (simd_level() == SimdLevel::AVX512) return max_index_avx512(w, r0, r1);
   if (simd_level() >= SimdLevel::AVX2) return max_index_avx2(w, r0, r1);
 #endif
   return max_index_scalar(w, r0, r1);
