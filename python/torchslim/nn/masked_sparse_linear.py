@@ -226,6 +226,19 @@ class MaskedSparseLinear(nn.Module):
                 self.__dict__[slot] = pk
             return pk.data
 
+    def _sparse_data(self) -> tuple[_Structure, torch.Tensor]:
+        """The cached structure and packed kept values (float32, float64 for float64
+        layers), rebuilt if stale; what torchslim.nn.SparseSequential hands the fused op."""
+        mask, weight = self._buffers["mask"], self._parameters["weight"]
+        st = self._st
+        if st is None or not self._structure_valid(st, mask):
+            st = self._structure(mask)
+        pk = self._pk
+        if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
+                or pk.ptr != weight.data_ptr()):
+            return st, self._packed("_pk", st, weight)
+        return st, pk.data
+
     def __getstate__(self):
         state = self.__dict__.copy()
         for slot in _CACHE_SLOTS:
