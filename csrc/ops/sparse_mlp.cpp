@@ -10,7 +10,7 @@
 // Layer l's CSR is row_ptr[rp_off : rp_off + out + 1] (starting at 0, relative to its
 // entries), col_idx / values from nnz_off, bias[bias_off : bias_off + out]. Every layer's
 // structure is validated (monotone row pointers, column range) before any product reads
-// it: one vectorised pass over the indices. No autograd: torchslim.nn.SparseSequential
+// it: one vectorised pass over the indices, once per structure. No autograd: torchslim.nn.SparseSequential
 // calls this only when no gradient is needed. Non-finite inputs give what the dense
 // layers would give (same fix-up as _masked_spmm).
 #include <ATen/ATen.h>
@@ -24,6 +24,7 @@
 #include "kernels/cpu/masked_linear.h"
 #include "kernels/cpu/sparse_mlp.h"
 #include "ops/registration.h"
+#include "ops/validated.h"
 
 namespace torchslim {
 namespace {
@@ -80,6 +81,8 @@ std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tens
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   std::vector<Layer> layers(L);
   int64_t width = input.size(-1);
+  // The full index check runs once per (plan, row_ptr, col_idx) state (validated.h).
+  const bool structure_known_valid = known_valid({&plan, &row_ptr, &col_idx}, 0);
   for (int64_t l = 0; l < L; ++l) {
     const int64_t* q = p + l * kPlanCols;
     Layer& y = layers[l];
@@ -101,17 +104,22 @@ std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tens
                 " entries (bias offset -1 means no bias)");
     TORCH_CHECK(col_idx.scalar_type() == at::kInt || y.in <= 32767, op, ": layer ", l, " has in_features ", y.in,
                 ", which int16 col_idx cannot index; use int32");
-    sm::CsrCheck c;
-    if (col_idx.scalar_type() == at::kShort) {
-      c = sm::check_csr(lrp, y.out, col_idx.data_ptr<int16_t>() + y.nnz_off, y.in);
-    } else {
-      c = sm::check_csr(lrp, y.out, col_idx.data_ptr<int32_t>() + y.nnz_off, y.in);
+    if (structure_known_valid) {
+      width = y.out;
+      continue;
     }
-    TORCH_CHECK(c.fault != sm::CsrFault::Decreasing, op, ": layer ", l, ": row_ptr decreases after row ", c.where);
-    TORCH_CHECK(c.fault != sm::CsrFault::ColumnOutOfRange, op, ": layer ", l, ": col_idx entry ", c.where,
+    mk::CsrCheck c;
+    if (col_idx.scalar_type() == at::kShort) {
+      c = mk::check_csr(lrp, y.out, col_idx.data_ptr<int16_t>() + y.nnz_off, y.in);
+    } else {
+      c = mk::check_csr(lrp, y.out, col_idx.data_ptr<int32_t>() + y.nnz_off, y.in);
+    }
+    TORCH_CHECK(c.fault != mk::CsrFault::Decreasing, op, ": layer ", l, ": row_ptr decreases after row ", c.where);
+    TORCH_CHECK(c.fault != mk::CsrFault::ColumnOutOfRange, op, ": layer ", l, ": col_idx entry ", c.where,
                 " is outside [0, in_features = ", y.in, ")");
     width = y.out;
   }
+  if (!structure_known_valid) remember_valid({&plan, &row_ptr, &col_idx}, 0);
   TORCH_CHECK(out_features == width, op, ": out_features (", out_features, ") must equal the last layer's (", width,
               ")");
   return layers;

@@ -38,8 +38,12 @@ class _Structure:
         self.mask = mask
         self.version = mask._version
         self.ptr = mask.data_ptr()
-        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
-        self.t_perm = _ops._masked_structure_perm(self.row_ptr, self.col_idx, self.t_row_ptr)
+        # Normal (not inference) tensors even when built under inference_mode: the ops check
+        # a structure's indices once and remember it by its version counter, which
+        # inference tensors lack (they would be checked on every call).
+        with torch.inference_mode(False):
+            self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
+            self.t_perm = _ops._masked_structure_perm(self.row_ptr, self.col_idx, self.t_row_ptr)
         self.nnz = int(self.col_idx.shape[0])
         self.density = self.nnz / mask.numel() if mask.numel() else 0.0
         large = mask.numel() * 4 > LARGE_WEIGHT_BYTES

@@ -45,7 +45,8 @@ class _Run:
         if old is None or numbers != old[1] or any(a is not c for a, c in zip(old[0], tensors)):
             with _LOCK:
                 fusable = all(_fusable(m, self.layers[:i]) for i, m in enumerate(self.layers))
-                self.args = self._pack([layer._sparse_data() for layer in self.layers]) if fusable else None
+                with torch.inference_mode(False):  # versioned tensors: the op checks them once
+                    self.args = self._pack([layer._sparse_data() for layer in self.layers]) if fusable else None
                 self.state = (tensors, numbers)
         return self.args
 
