@@ -34,21 +34,29 @@ class _Run:
         fused any more, e.g. after a change of dtype or mask). The packed arguments depend
         only on the masks, weights and biases, so they are reused while every one of those
         is the same tensor with the same version and storage."""
-        tensors, numbers = [], []
-        for layer in self.layers:
+        state = self.state
+        if state is None:
+            return self._rebuild()
+        for layer, w0, wv, wp, m0, mv, mp, b0, bv, bp in state:
             w, b, m = layer._parameters["weight"], layer._parameters["bias"], layer._buffers["mask"]
-            tensors += (w, m, b)
-            numbers += (w._version, w.data_ptr(), m._version, m.data_ptr())
-            if b is not None:
-                numbers += (b._version, b.data_ptr())
-        old = self.state
-        if old is None or numbers != old[1] or any(a is not c for a, c in zip(old[0], tensors)):
-            with _LOCK:
-                fusable = all(_fusable(m, self.layers[:i]) for i, m in enumerate(self.layers))
-                with torch.inference_mode(False):  # versioned tensors: the op checks them once
-                    self.args = self._pack([layer._sparse_data() for layer in self.layers]) if fusable else None
-                self.state = (tensors, numbers)
+            if (w is not w0 or m is not m0 or b is not b0 or w._version != wv or m._version != mv
+                    or w.data_ptr() != wp or m.data_ptr() != mp
+                    or (b is not None and (b._version != bv or b.data_ptr() != bp))):
+                return self._rebuild()
         return self.args
+
+    def _rebuild(self):
+        with _LOCK:
+            state = []
+            for layer in self.layers:
+                w, b, m = layer._parameters["weight"], layer._parameters["bias"], layer._buffers["mask"]
+                state.append((layer, w, w._version, w.data_ptr(), m, m._version, m.data_ptr(), b,
+                              None if b is None else b._version, None if b is None else b.data_ptr()))
+            fusable = all(_fusable(m, self.layers[:i]) for i, m in enumerate(self.layers))
+            with torch.inference_mode(False):  # versioned tensors: the op checks them once
+                args = self._pack([layer._sparse_data() for layer in self.layers]) if fusable else None
+            self.args, self.state = args, state
+            return args
 
     def _pack(self, sparse_data):
         layers = self.layers
