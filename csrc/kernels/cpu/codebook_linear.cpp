@@ -444,7 +444,7 @@ TS_AVX512VBMI inline void vbmi_words(const __m512i pl[4], __m512 f[4]) {
 // add nothing whatever table[0] holds; xs is zero-padded to whole steps.
 template <int NB, bool TAIL>
 TS_AVX512VBMI void vbmi_rows(const VbmiTable& tab, const uint8_t* idx, int64_t ld, int nr, int64_t in,
-                             const float* xs, int64_t xld, float* sums) {
+                             const float* xs, int64_t xld, float* sums, __m512i& vmax) {
   const int64_t steps = (in + 63) / 64;
   const int tail = static_cast<int>(in - (steps - 1) * 64);  // weights in the last step, 1..64
   if (in <= 0 || nr <= 0) {
@@ -464,10 +464,13 @@ TS_AVX512VBMI void vbmi_rows(const VbmiTable& tab, const uint8_t* idx, int64_t l
   __m512 acc[NB][2];
   for (int b = 0; b < NB; ++b) acc[b][0] = acc[b][1] = _mm512_setzero_ps();
   // index bytes of step s of a row: the last step masked
+  // index bytes of step st of a row (the last step masked), into the running maximum
+  __m512i mx = vmax;
   auto planes = [&](const uint8_t* row, int64_t st, __m512i* out) TS_AVX512VBMI {
-    vbmi_planes(t, TAIL && st + 1 == steps ? _mm512_maskz_loadu_epi8(kload, row + st * 64)
-                                           : _mm512_loadu_si512(row + st * 64),
-                out);
+    const __m512i v = TAIL && st + 1 == steps ? _mm512_maskz_loadu_epi8(kload, row + st * 64)
+                                              : _mm512_loadu_si512(row + st * 64);
+    mx = _mm512_max_epu8(mx, v);
+    vbmi_planes(t, v, out);
   };
   __m512i pl[4], nx[4];
   planes(idx, 0, pl);
@@ -478,7 +481,9 @@ TS_AVX512VBMI void vbmi_rows(const VbmiTable& tab, const uint8_t* idx, int64_t l
     auto full_step = [&](int64_t st, bool next_is_last) TS_AVX512VBMI {
       _mm_prefetch(reinterpret_cast<const char*>(row + ld + st * 64), _MM_HINT_T0);  // next row
       const uint8_t* p = row + (st + 1) * 64;
-      vbmi_planes(t, TAIL && next_is_last ? _mm512_maskz_loadu_epi8(kload, p) : _mm512_loadu_si512(p), nx);
+      const __m512i v = TAIL && next_is_last ? _mm512_maskz_loadu_epi8(kload, p) : _mm512_loadu_si512(p);
+      mx = _mm512_max_epu8(mx, v);
+      vbmi_planes(t, v, nx);
       __m512 f[4];
       vbmi_words(pl, f);
       for (int b = 0; b < NB; ++b)
@@ -504,29 +509,38 @@ TS_AVX512VBMI void vbmi_rows(const VbmiTable& tab, const uint8_t* idx, int64_t l
     }
     for (int q = 0; q < 4; ++q) pl[q] = nx[q];
   }
+  vmax = mx;
 }
 
 TS_AVX512VBMI void vbmi_gemv(const CodebookIndices& w, const float* table, const float* x, const float* xs,
-                             int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1) {
+                             int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1, int* max_index) {
   VbmiTable t;
   vbmi_load_table(table, t);
   const int64_t xld = (w.in + 63) / 64 * 64;
+  __m512i vmax = _mm512_setzero_si512();
   // every column is covered by the vector steps (the last one masked): no scalar tail
   drive_gemv(w, table, x, batch, bias, y, o0, o1, w.in, 8, [&](int nb, int nr, int64_t o, int64_t b0, float* sums) {
     const uint8_t* rows = w.idx + o * w.ld;
     const float* xb = xs + b0 * xld;
     const bool tail = w.in % 64 != 0;
     switch (nb * 2 + tail) {
-      case 2: vbmi_rows<1, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      case 3: vbmi_rows<1, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      case 4: vbmi_rows<2, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      case 5: vbmi_rows<2, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      case 6: vbmi_rows<3, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      case 7: vbmi_rows<3, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      case 8: vbmi_rows<4, false>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
-      default: vbmi_rows<4, true>(t, rows, w.ld, nr, w.in, xb, xld, sums); break;
+      case 2: vbmi_rows<1, false>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      case 3: vbmi_rows<1, true>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      case 4: vbmi_rows<2, false>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      case 5: vbmi_rows<2, true>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      case 6: vbmi_rows<3, false>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      case 7: vbmi_rows<3, true>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      case 8: vbmi_rows<4, false>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
+      default: vbmi_rows<4, true>(t, rows, w.ld, nr, w.in, xb, xld, sums, vmax); break;
     }
   });
+  if (max_index) {
+    alignas(64) uint8_t b[64];
+    _mm512_store_si512(b, vmax);
+    int m = 0;
+    for (int i = 0; i < 64; ++i) m = std::max<int>(m, b[i]);
+    *max_index = m;
+  }
 }
 
 // Packed 4-bit, AVX-512, 128 weights per step without any index widening: 64 index bytes
@@ -825,8 +839,19 @@ const char* codebook_gemv_path(const CodebookIndices& w) {
   return "scalar";
 }
 
+bool codebook_gemv_reports_max_index(const CodebookIndices& w) {
+#if defined(__x86_64__)
+  // the byte-plane path reads every index of its rows once through a vector register
+  return !w.packed && simd_level() == SimdLevel::AVX512 && w.num_clusters > 32 && has_vbmi();
+#else
+  (void)w;
+  return false;
+#endif
+}
+
 void codebook_gemv(const CodebookIndices& w, const float* table, const float* x, const float* prepared,
-                   int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1) {
+                   int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1, int* max_index) {
+  if (max_index) *max_index = 0;
 #if defined(__x86_64__)
   const SimdLevel lv = simd_level();
   if (lv == SimdLevel::AVX512) {
@@ -837,7 +862,7 @@ void codebook_gemv(const CodebookIndices& w, const float* table, const float* x,
     } else if (w.num_clusters <= 32) {
       avx512_gemv(Avx512Byte32(table), w, table, x, x, w.in, batch, bias, y, o0, o1);
     } else if (has_vbmi()) {
-      vbmi_gemv(w, table, x, prepared, batch, bias, y, o0, o1);
+      vbmi_gemv(w, table, x, prepared, batch, bias, y, o0, o1, max_index);
     } else {
       avx512_gemv(Avx512Gather(table), w, table, x, x, w.in, batch, bias, y, o0, o1);
     }

@@ -25,8 +25,12 @@ int codebook_max_index(const CodebookIndices& w, int64_t r0, int64_t r1);
 // bias may be null.
 int64_t codebook_gemv_prepared_size(const CodebookIndices& w, int64_t batch);
 void codebook_gemv_prepare(const CodebookIndices& w, const float* x, int64_t batch, float* prepared);
+// max_index (optional): when codebook_gemv_reports_max_index(w), the largest index of rows
+// [o0, o1) is written there (the lookups read every index anyway; the caller may skip its
+// own range scan and check afterwards: the padded table keeps every lookup in bounds).
 void codebook_gemv(const CodebookIndices& w, const float* table, const float* x, const float* prepared,
-                   int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1);
+                   int64_t batch, const float* bias, float* y, int64_t o0, int64_t o1, int* max_index = nullptr);
+bool codebook_gemv_reports_max_index(const CodebookIndices& w);
 void codebook_gemv(const CodebookIndices& w, const double* table, const double* x, int64_t batch,
                    const double* bias, double* y, int64_t o0, int64_t o1);
 
