@@ -732,14 +732,8 @@ TS_AVX512VBMI void decode_vbmi(const CodebookIndices& w, const float* table, flo
     const uint8_t* row = w.idx + o * w.ld;
     float* d = dst + (o - o0) * ld_dst;
     for (int64_t s = 0; s < steps; ++s) {
-      const __m512i v = _mm512_loadu_si512(row + s * 64);
-      const __mmask64 hi = _mm512_movepi8_mask(v);
       __m512i pl[4];
-      for (int q = 0; q < 4; ++q) {
-        const __m512i a = _mm512_permutex2var_epi8(t.p[q][0], v, t.p[q][1]);
-        const __m512i c = _mm512_permutex2var_epi8(t.p[q][2], v, t.p[q][3]);
-        pl[q] = _mm512_mask_blend_epi8(hi, a, c);
-      }
+      vbmi_planes(t, _mm512_loadu_si512(row + s * 64), pl);
       const __m512i a_lo = _mm512_unpacklo_epi8(pl[0], pl[1]);
       const __m512i a_hi = _mm512_unpackhi_epi8(pl[0], pl[1]);
       const __m512i b_lo = _mm512_unpacklo_epi8(pl[2], pl[3]);
