@@ -12,9 +12,11 @@
 //    on index bit 3 per 8 weights; x blocks of 16 as [even8 | odd8].
 //  - uint8, K <= 16 / <= 32: vpermps / vpermt2ps from one / two registers.
 //  - uint8, K > 32 on AVX-512 with VBMI: the 256-entry fp32 table is split into four byte
-//    planes, each held in four zmm registers (16 registers in all); two vpermt2b (7 index
-//    bits) and a blend on bit 7 look up 64 bytes of a plane, and byte unpacks reassemble
-//    the fp32 words. x is rearranged once per call in the order the unpacks produce.
+//    planes, each held in four zmm registers (16 registers in all); two merge-masked
+//    vpermi2b (7 index bits; entries 0..127, then 128..255 for the bytes with bit 7 set)
+//    look up 64 bytes of a plane, and byte unpacks reassemble the fp32 words; the lookups
+//    run 1-2 steps ahead of the unpacks and FMAs (software pipeline). x is rearranged once
+//    per call in the order the unpacks produce (zero-padded to whole 64-weight steps).
 //    Without VBMI: hardware gather (3-10x slower than the byte planes on Zen 4 here).
 // Several output rows and up to four batch rows share each decoded vector.
 // codebook_decode (large-batch tiles) uses the same lookups and restores natural order.
@@ -377,9 +379,9 @@ TS_AVX512 void avx512_gemv(const D& dec, const CodebookIndices& w, const float* 
 
 // ---------------------------------------------------------------- AVX-512 VBMI (K > 32)
 // Byte-plane lookup from a 256-entry table held in 16 zmm registers: plane q (byte q of
-// every fp32 entry) is 4 registers; vpermt2b looks up 64 indices in entries 0..127 and
-// 128..255 (7 index bits), a blend on bit 7 picks; byte / word unpacks rebuild the fp32
-// words. Within each 128-bit lane l the unpacks yield, in vector f_q, the elements
+// every fp32 entry) is 4 registers; vpermi2b looks up 64 indices in entries 0..127 and
+// 128..255 (7 index bits, merge-masked on bit 7, see vbmi_planes); byte / word unpacks
+// rebuild the fp32 words. Within each 128-bit lane l the unpacks yield, in vector f_q, the elements
 // 16 l + 4 q + t (t = 0..3), so x is rearranged once per call to that order.
 // TORCHSLIM_CODEBOOK_GATHER=1 forces the gather path (benchmarks compare the two).
 bool gather_forced() {
