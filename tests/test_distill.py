@@ -164,3 +164,26 @@ def test_mixup_transfer_set_runs_and_counts_teacher_calls():
     distill(s2, teacher, batches, epochs=2, lr=1e-2, mixup=True, cache_teacher_logits=True, progress=False, seed=3)
     for a, b in zip(s1.parameters(), s2.parameters()):  # seeded: reproducible
         torch.testing.assert_close(a, b)
+
+
+def test_cached_logits_belong_to_the_batch_samples_under_shuffling(monkeypatch):
+    # The cache is keyed by dataset index: with a shuffling DataLoader every batch must get
+    # the teacher's logits of exactly its own samples, in its order, in every epoch.
+    import torchslim.distill as distill_mod
+
+    x, y = _toy(n=200)
+    teacher = _mlp(10, 16, 4, 1)
+    original = distill_mod._TeacherCache.get
+    checked = []
+
+    def checking_get(self, teacher_, xb, idx, dev):
+        out = original(self, teacher_, xb, idx, dev)
+        with torch.no_grad():
+            torch.testing.assert_close(out, teacher_(xb))
+        checked.append(xb.shape[0])
+        return out
+
+    monkeypatch.setattr(distill_mod._TeacherCache, "get", checking_get)
+    loader = DataLoader(TensorDataset(x, y), batch_size=48, shuffle=True, generator=torch.Generator().manual_seed(2))
+    distill(_mlp(10, 8, 4, 2), teacher, loader, epochs=3, cache_teacher_logits=True, progress=False, mixup=True)
+    assert sum(checked) == 3 * 200
