@@ -71,6 +71,18 @@ def test_from_dense_bad_arguments():
         CodebookLinear.from_dense(_linear(4, 3), num_clusters=1, mask=torch.rand(3, 4) > 0.5)
 
 
+@pytest.mark.parametrize("k", [16, 40])
+@pytest.mark.parametrize("width", [6, 8, 13, 14])
+def test_wrong_input_width_is_an_error(k, width):
+    """in_features = 7: with 4-bit packed indices ([3, 4]) an input of width 8 (or 7's
+    double, 14) would be a valid-looking unpacked or packed call to the functional op; the
+    layer knows its width and refuses it."""
+    layer = CodebookLinear.from_dense(_linear(7, 3), num_clusters=k)
+    with pytest.raises(ValueError, match="in_features = 7"):
+        layer(torch.randn(2, width))
+    assert layer(torch.randn(2, 7)).shape == (2, 3)
+
+
 def test_weight_is_read_only():
     layer = CodebookLinear(4, 3)
     with pytest.raises((AttributeError, KeyError)):

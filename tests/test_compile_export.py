@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_map
 
 import torchslim
 from torchslim import ops
-from torchslim.nn import CodebookLinear, KDLoss, MaskedSparseLinear
+from torchslim.nn import CodebookLinear, KDLoss, MaskedSparseLinear, SparseSequential
 from torchslim.ops._reference import pack_int4
 
 
@@ -176,6 +176,13 @@ def _recorded_calls():
                 layer(x)
             with torch.inference_mode():
                 layer(x)
+    fused = SparseSequential(MaskedSparseLinear.from_dense(nn.Linear(7, 9), mask=torch.rand(9, 7) < 0.3), nn.ReLU(),
+                             MaskedSparseLinear.from_dense(nn.Linear(9, 4), mask=torch.rand(4, 9) < 0.3)).eval()
+    with rec:  # the fused inference op
+        with torch.no_grad():
+            fused(torch.randn(2, 3, 7))
+        with torch.inference_mode():
+            fused(torch.randn(1, 7))
     with rec:
         _run(lambda s: KDLoss(2.0, 0.5)(s, torch.randn(4, 9), torch.tensor([0, 3, 8, 1])), (torch.randn(4, 9).requires_grad_(),))
     return rec.calls

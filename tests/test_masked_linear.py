@@ -215,6 +215,49 @@ def test_structure_ops_check_arguments():
         ops._masked_structure(mask.float())
 
 
+@pytest.mark.parametrize("inference", [False, True])
+def test_structure_ops_check_every_index(inference):
+    """A hand-made or edited structure is checked before any kernel reads it: out-of-range
+    or negative column indices and decreasing row pointers are errors, never a read
+    outside the input. A structure that passed is remembered, and checked again after an
+    in-place edit (inference tensors, which have no version counter, on every call)."""
+    mask = torch.rand(6, 8) < 0.5
+    mask[0, :3] = True
+    row_ptr, col_idx, t_row_ptr, t_col_idx = ops._masked_structure(mask)
+    weight = torch.randn(6, 8)
+    values = ops._masked_gather(weight, row_ptr, col_idx, False)
+    values_t = ops._masked_gather(weight, t_row_ptr, t_col_idx, True)
+    x, g = torch.randn(3, 8), torch.randn(3, 6)
+
+    def calls(rp, ci, trp, tci):
+        return [
+            lambda: ops._masked_spmm(x, values, rp, ci, None),
+            lambda: ops._masked_sddmm(g, x, rp, ci),
+            lambda: ops._masked_gather(weight, rp, ci, False),
+            lambda: ops._masked_backward(g, x, values_t, rp, ci, trp, tci, True, True),
+        ]
+    ctx = torch.inference_mode() if inference else torch.no_grad()
+    with ctx:
+        for bad, msg in ((8, "outside \\[0, 8\\)"), (-1, "outside \\[0, 8\\)"), (30000, "outside")):
+            ci = col_idx.clone()
+            for call in calls(row_ptr, ci, t_row_ptr, t_col_idx):
+                call()                      # valid: runs (and may be remembered)
+            ci[1] = bad                     # in-place edit: checked again
+            for call in calls(row_ptr, ci, t_row_ptr, t_col_idx):
+                with pytest.raises(RuntimeError, match=msg):
+                    call()
+        rp = row_ptr.clone()
+        a, b = int(rp[1]), int(rp[2])
+        rp[1], rp[2] = b + 1, a             # row 1 ends before it starts
+        for call in calls(rp, col_idx, t_row_ptr, t_col_idx):
+            with pytest.raises(RuntimeError, match="row_ptr"):
+                call()
+        tci = t_col_idx.clone()
+        tci[0] = 6                          # the transposed structure indexes the 6 rows
+        with pytest.raises(RuntimeError, match="outside \\[0, 6\\)"):
+            ops._masked_backward(g, x, values_t, row_ptr, col_idx, t_row_ptr, tci, True, True)
+
+
 def test_gradcheck_float64():
     for sparsity in (0.0, 0.7):
         x, w, mask, b = sample_inputs((3, 2), 6, 5, sparsity, torch.float64, requires_grad=True)

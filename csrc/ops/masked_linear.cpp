@@ -14,9 +14,11 @@
 //   _masked_backward(grad_output, input, values_t, structures, need_input, need_weight)
 //       -> (grad_input, grad_weight): one transpose of grad_output serves both; grad_weight
 //          is dense-shaped, computed only at the kept positions, zero elsewhere
-// The structure ops check shapes, dtypes, devices and the row_ptr end points; the entries of
-// col_idx are trusted to come from _masked_structure (checking them would cost a pass over
-// the indices on every call).
+// The structure ops check shapes, dtypes, devices and the row_ptr end points on every call,
+// and every index (row_ptr non-decreasing, col_idx within range) once per structure: a
+// structure that passed is remembered until it is written to or freed (validated.h), so a
+// cached structure costs no pass over its indices per call while a hand-made or edited one
+// is checked before any kernel reads it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,6 +30,7 @@
 
 #include "kernels/cpu/masked_linear.h"
 #include "ops/registration.h"
+#include "ops/validated.h"
 
 #ifdef TORCHSLIM_WITH_CUDA
 #include <c10/core/DeviceGuard.h>
@@ -170,6 +173,33 @@ void with_acc(at::ScalarType acc, F&& f) {
   if (acc == at::kDouble) f(double(0));
   else f(float(0));
 }
+
+// Every index of a structure within range before any kernel reads it (see the header
+// comment); extent is the range of col_idx.
+void check_indices(const char* op, const Tensor& row_ptr, const Tensor& col_idx, int64_t extent) {
+  if (known_valid({&row_ptr, &col_idx}, extent)) return;
+  const int64_t rows = row_ptr.size(0) - 1;
+  if (row_ptr.device().is_cpu()) {
+    mk::CsrCheck c;
+    with_index(col_idx, [&](auto* ci) { c = mk::check_csr(row_ptr.data_ptr<int32_t>(), rows, ci, extent); });
+    TORCH_CHECK(c.fault != mk::CsrFault::FirstNotZero, op, ": row_ptr must start at 0");
+    TORCH_CHECK(c.fault != mk::CsrFault::Decreasing, op, ": row_ptr decreases after row ", c.where);
+    TORCH_CHECK(c.fault != mk::CsrFault::ColumnOutOfRange, op, ": col_idx entry ", c.where,
+                " is outside [0, ", extent, ")");
+  } else {
+    // Device structures: a few reductions, synchronising once per structure.
+    TORCH_CHECK(row_ptr[0].item<int64_t>() == 0 && row_ptr[rows].item<int64_t>() == col_idx.size(0), op,
+                ": row_ptr must start at 0 and end at nnz = ", col_idx.size(0));
+    TORCH_CHECK(rows == 0 || (row_ptr.diff() >= 0).all().item<bool>(), op, ": row_ptr must be non-decreasing");
+    if (col_idx.numel() > 0) {
+      const auto [lo, hi] = at::aminmax(col_idx);
+      TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() < extent, op, ": col_idx entries must be in [0, ",
+                  extent, "), got [", lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+    }
+  }
+  remember_valid({&row_ptr, &col_idx}, extent);
+}
+
 
 // values[k] = weight[r, col[k]] (or weight[col[k], r] when transposed), in the accumulation dtype.
 Tensor gather_cpu(const Tensor& weight, const Tensor& row_ptr, const Tensor& col_idx, bool transposed) {
@@ -584,6 +614,7 @@ Tensor masked_sddmm(const Tensor& grad_output, const Tensor& input, const Tensor
               grad_output.device(), " and ", input.device());
   check_structure("_masked_sddmm", row_ptr, col_idx, input.device());
   const int64_t N = row_ptr.size(0) - 1, K = input.size(-1);
+  check_indices("_masked_sddmm", row_ptr, col_idx, K);
   TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N, "_masked_sddmm: grad_output.shape[-1] must be ", N,
               ", got shape ", grad_output.sizes());
   TORCH_CHECK(col_idx.scalar_type() == index_type_for(K) || col_idx.scalar_type() == at::kInt,
@@ -602,6 +633,7 @@ Tensor masked_gather(const Tensor& weight, const Tensor& row_ptr, const Tensor& 
   const int64_t rows = transposed ? weight.size(1) : weight.size(0);
   TORCH_CHECK(row_ptr.size(0) == rows + 1, "_masked_gather: row_ptr must have length ", rows + 1, " for weight of shape ",
               weight.sizes(), (transposed ? " (transposed)" : ""), ", got ", row_ptr.size(0));
+  check_indices("_masked_gather", row_ptr, col_idx, transposed ? weight.size(0) : weight.size(1));
   return gather_any(weight, row_ptr, col_idx, transposed);
 }
 
@@ -615,6 +647,7 @@ Tensor masked_spmm(const Tensor& input, const Tensor& values, const Tensor& row_
   const int64_t N = row_ptr.size(0) - 1, K = input.size(-1);
   TORCH_CHECK(col_idx.scalar_type() == index_type_for(K) || col_idx.scalar_type() == at::kInt,
               "_masked_spmm: col_idx of ", col_idx.scalar_type(), " cannot index in_features = ", K);
+  check_indices("_masked_spmm", row_ptr, col_idx, K);
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->scalar_type() == input.scalar_type() &&
                     bias->device() == input.device(),
@@ -648,6 +681,8 @@ std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tens
               input.sizes());
   TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == N,
               "_masked_backward: grad_output.shape[-1] must be out_features (", N, "), got shape ", grad_output.sizes());
+  check_indices("_masked_backward", row_ptr, col_idx, K);
+  check_indices("_masked_backward", t_row_ptr, t_col_idx, N);
   const Tensor x2d = input.reshape({-1, K});
   const Tensor g2d = grad_output.reshape({-1, N});
   TORCH_CHECK(x2d.size(0) == g2d.size(0), "_masked_backward: input and grad_output must have the same number of rows");

@@ -40,6 +40,7 @@ decode to the wrong length and declared shapes too large for the file all raise 
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 import json
 import lzma
 import math
@@ -127,11 +128,17 @@ def _replace_in_place(module: nn.Module) -> None:
 
 
 def to_sparse(model: nn.Module) -> nn.Module:
-    """A deep copy of ``model`` with every ``CodebookLinear`` replaced by a
-    ``MaskedSparseLinear`` holding the decoded weights, masked where the index is the pinned
-    zero (``zero_pinned`` layers; other layers keep every weight). Same function, run by the
-    sparse kernels instead of the codebook kernel: store the compact codebook model with
-    ``save``, and after ``load`` call ``to_sparse`` when the sparse kernels are faster."""
+    """A deep copy of ``model`` prepared for fast inference by the sparse kernels:
+
+    - every ``CodebookLinear`` becomes a ``MaskedSparseLinear`` holding the decoded weights,
+      masked where the index is the pinned zero (``zero_pinned`` layers; other layers keep
+      every weight): same function, run by the sparse kernels instead of the codebook kernel;
+    - every ``nn.Sequential`` holding a ``MaskedSparseLinear`` becomes a
+      ``torchslim.nn.SparseSequential`` (same children and state_dict keys), which runs its
+      sparse layers and the ReLUs between them as one fused call when no gradient is needed.
+
+    Store the compact model with ``save``; after ``load`` (or after pruning) call
+    ``to_sparse`` for deployment."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_sparse expects an nn.Module, got {type(model).__name__}")
     cb_cls = _codebook_cls()
@@ -149,7 +156,14 @@ def to_sparse(model: nn.Module) -> nn.Module:
 
     if isinstance(model, cb_cls):
         return convert(model)
-    out = copy.deepcopy(model)
+    from torchslim.nn import SparseSequential
+
+    def fused(seq):
+        if type(seq) is nn.Sequential and any(isinstance(m, MaskedSparseLinear) for m in seq.children()):
+            out = SparseSequential(OrderedDict(seq._modules.items()))
+            out.train(seq.training)
+            return out
+        return seq
 
     def walk(module):
         for name, child in list(module.named_children()):
@@ -157,8 +171,10 @@ def to_sparse(model: nn.Module) -> nn.Module:
                 setattr(module, name, convert(child))
             else:
                 walk(child)
+                setattr(module, name, fused(child))
+    out = copy.deepcopy(model)
     walk(out)
-    return out
+    return fused(out)
 
 
 # --------------------------------------------------------------------------------------

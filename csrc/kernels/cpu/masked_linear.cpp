@@ -23,6 +23,73 @@ namespace masked {
 
 // ---------------------------------------------------------------- structure
 
+namespace {
+
+// Largest index seen, as unsigned (a negative index becomes huge, so one comparison
+// covers both ends). Branch-free so the compiler vectorises it; the AVX2 clone is picked
+// at run time.
+template <typename I>
+uint64_t max_unsigned_body(const I* col, int64_t n) {
+  using U = std::make_unsigned_t<I>;
+  U m = 0;
+  for (int64_t k = 0; k < n; ++k) m = std::max(m, static_cast<U>(col[k]));
+  return m;
+}
+#if defined(__x86_64__)
+template <typename I>
+TS_AVX2 uint64_t max_unsigned_avx2(const I* col, int64_t n) {
+  using U = std::make_unsigned_t<I>;
+  U m = 0;
+  for (int64_t k = 0; k < n; ++k) m = std::max(m, static_cast<U>(col[k]));
+  return m;
+}
+#endif
+template <typename I>
+uint64_t max_unsigned(const I* col, int64_t n) {
+#if defined(__x86_64__)
+  if (simd_level() != SimdLevel::Scalar) return max_unsigned_avx2(col, n);
+#endif
+  return max_unsigned_body(col, n);
+}
+
+}  // namespace
+
+template <typename I>
+CsrCheck check_csr(const int32_t* row_ptr, int64_t rows, const I* col, int64_t extent) {
+  CsrCheck out;
+  if (row_ptr[0] != 0) {
+    out.fault = CsrFault::FirstNotZero;
+    out.where = 0;
+    return out;
+  }
+  bool ordered = true;
+  for (int64_t r = 0; r < rows; ++r) ordered &= row_ptr[r + 1] >= row_ptr[r];
+  if (!ordered) {
+    for (int64_t r = 0; r < rows; ++r) {
+      if (row_ptr[r + 1] < row_ptr[r]) {
+        out.fault = CsrFault::Decreasing;
+        out.where = r;
+        return out;
+      }
+    }
+  }
+  const int64_t nnz = row_ptr[rows];
+  if (nnz > 0 && (extent <= 0 || max_unsigned(col, nnz) >= static_cast<uint64_t>(extent))) {
+    for (int64_t k = 0; k < nnz; ++k) {
+      if (col[k] < 0 || col[k] >= extent) {
+        out.fault = CsrFault::ColumnOutOfRange;
+        out.where = k;
+        return out;
+      }
+    }
+  }
+  return out;
+}
+
+template CsrCheck check_csr<int16_t>(const int32_t*, int64_t, const int16_t*, int64_t);
+template CsrCheck check_csr<int32_t>(const int32_t*, int64_t, const int32_t*, int64_t);
+
+
 void count_rows(const bool* mask, int64_t cols, int32_t* counts, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const unsigned char* m = reinterpret_cast<const unsigned char*>(mask + r * cols);

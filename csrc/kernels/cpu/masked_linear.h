@@ -18,6 +18,20 @@ namespace masked {
 
 constexpr int64_t kBatchPad = 16;  // nb, ldx, ldy and ldg are multiples of this
 
+// What is wrong with a CSR block, if anything.
+enum class CsrFault : int { None = 0, FirstNotZero, Decreasing, ColumnOutOfRange };
+
+struct CsrCheck {
+  CsrFault fault = CsrFault::None;
+  int64_t where = -1;  // row (Decreasing) or entry (ColumnOutOfRange) of the first fault
+};
+
+// Checks row_ptr[0] == 0, row_ptr non-decreasing over rows + 1 entries, and every
+// col[k] (k < row_ptr[rows]) in [0, extent). The caller has checked that row_ptr[rows]
+// entries of col exist. One vectorised pass over the indices.
+template <typename I>
+CsrCheck check_csr(const int32_t* row_ptr, int64_t rows, const I* col, int64_t extent);
+
 // Structure building from a row-major bool mask [rows, cols].
 // counts[r] = number of true entries of row r, for r in [r0, r1).
 void count_rows(const bool* mask, int64_t cols, int32_t* counts, int64_t r0, int64_t r1);

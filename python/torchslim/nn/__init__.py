@@ -2,5 +2,6 @@
 from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
 from torchslim.nn.codebook_linear import CodebookLinear
 from torchslim.nn.kd_loss import KDLoss
+from torchslim.nn.sparse_sequential import SparseSequential
 
-__all__ = ["MaskedSparseLinear", "CodebookLinear", "KDLoss"]
+__all__ = ["MaskedSparseLinear", "CodebookLinear", "KDLoss", "SparseSequential"]

@@ -200,6 +200,12 @@ class CodebookLinear(nn.Module):
         return linear
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        # The functional op infers the packed 4-bit layout from the widths; the layer knows
+        # in_features, so an input of the wrong width (e.g. 2*in, which with packed indices
+        # would look like a valid unpacked call) is an error here, never a silent misread.
+        if isinstance(input, torch.Tensor) and input.dim() >= 1 and input.shape[-1] != self.in_features:
+            raise ValueError(f"CodebookLinear: input.shape[-1] must be in_features = {self.in_features}, "
+                             f"got input of shape {tuple(input.shape)}")
         return codebook_linear(input, self.indices, self.effective_codebook(), self.bias)
 
     def extra_repr(self) -> str:

@@ -38,8 +38,12 @@ class _Structure:
         self.mask = mask
         self.version = mask._version
         self.ptr = mask.data_ptr()
-        self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
-        self.t_perm = _ops._masked_structure_perm(self.row_ptr, self.col_idx, self.t_row_ptr)
+        # Normal (not inference) tensors even when built under inference_mode: the ops check
+        # a structure's indices once and remember it by its version counter, which
+        # inference tensors lack (they would be checked on every call).
+        with torch.inference_mode(False):
+            self.row_ptr, self.col_idx, self.t_row_ptr, self.t_col_idx = _ops._masked_structure(mask)
+            self.t_perm = _ops._masked_structure_perm(self.row_ptr, self.col_idx, self.t_row_ptr)
         self.nnz = int(self.col_idx.shape[0])
         self.density = self.nnz / mask.numel() if mask.numel() else 0.0
         large = mask.numel() * 4 > LARGE_WEIGHT_BYTES
@@ -225,6 +229,19 @@ class MaskedSparseLinear(nn.Module):
                 pk = _Packed(st, weight, data)
                 self.__dict__[slot] = pk
             return pk.data
+
+    def _sparse_data(self) -> tuple[_Structure, torch.Tensor]:
+        """The cached structure and packed kept values (float32, float64 for float64
+        layers), rebuilt if stale; what torchslim.nn.SparseSequential hands the fused op."""
+        mask, weight = self._buffers["mask"], self._parameters["weight"]
+        st = self._st
+        if st is None or not self._structure_valid(st, mask):
+            st = self._structure(mask)
+        pk = self._pk
+        if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
+                or pk.ptr != weight.data_ptr()):
+            return st, self._packed("_pk", st, weight)
+        return st, pk.data
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -1,0 +1,234 @@
+// Glue for the fused sparse MLP inference op: a chain of sparse linear layers (each
+// optionally followed by ReLU) in one call, so that a small pruned network at batch 1
+// pays one dispatch instead of one per layer and per activation.
+//
+//   _sparse_mlp(input, plan, values, row_ptr, col_idx, bias, out_features) -> output
+//
+// plan is an int64 [L, 6] CPU tensor, one row per layer:
+//   in_features, out_features, row_ptr offset, values/col_idx offset, bias offset (-1: no
+//   bias), activation (0: none, 1: ReLU).
+// Layer l's CSR is row_ptr[rp_off : rp_off + out + 1] (starting at 0, relative to its
+// entries), col_idx / values from nnz_off, bias[bias_off : bias_off + out]. Every layer's
+// structure is validated (monotone row pointers, column range) before any product reads
+// it: one vectorised pass over the indices, once per structure. No autograd: torchslim.nn.SparseSequential
+// calls this only when no gradient is needed. Non-finite inputs give what the dense
+// layers would give (same fix-up as _masked_spmm).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <vector>
+
+#include "kernels/cpu/masked_linear.h"
+#include "kernels/cpu/sparse_mlp.h"
+#include "ops/registration.h"
+#include "ops/validated.h"
+
+namespace torchslim {
+namespace {
+
+using at::Tensor;
+namespace mk = torchslim::cpu::masked;
+namespace sm = torchslim::cpu::sparse_mlp;
+
+constexpr int64_t kPlanCols = 6;
+constexpr int64_t kGrainWork = 1 << 16;  // as in masked_linear.cpp: amortises waking a thread
+// Batches up to this size run row by row (no transposes); larger ones run on transposed
+// activations, the layout the batched sparse kernel wants, kept across the whole chain.
+constexpr int64_t kRowPathMaxBatch = 2;
+
+struct Layer {
+  int64_t in, out, rp_off, nnz_off, bias_off;
+  bool relu;
+};
+
+int64_t grain_rows(int64_t nnz, int64_t rows, int64_t per_entry) {
+  const int64_t per_row = std::max<int64_t>(1, (nnz / std::max<int64_t>(rows, 1) + 1) * per_entry);
+  return std::max<int64_t>(1, kGrainWork / per_row);
+}
+
+std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tensor& values, const Tensor& row_ptr,
+                             const Tensor& col_idx, const Tensor& bias, int64_t out_features) {
+  const char* op = "_sparse_mlp";
+  TORCH_CHECK(input.dim() >= 1 && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble), op,
+              ": input must be a float32 or float64 tensor [..., in_features], got ", input.scalar_type(),
+              " of shape ", input.sizes());
+  TORCH_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 &&
+                  plan.size(0) >= 1 && plan.size(1) == kPlanCols && plan.is_contiguous(),
+              op, ": plan must be a contiguous int64 CPU tensor [layers >= 1, ", kPlanCols, "], got ",
+              plan.scalar_type(), " of shape ", plan.sizes());
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(), op,
+              ": row_ptr must be a contiguous 1-D int32 tensor, got ", row_ptr.scalar_type(), " of shape ",
+              row_ptr.sizes());
+  TORCH_CHECK((col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt) && col_idx.dim() == 1 &&
+                  col_idx.is_contiguous(),
+              op, ": col_idx must be a contiguous 1-D int16 or int32 tensor, got ", col_idx.scalar_type(),
+              " of shape ", col_idx.sizes());
+  TORCH_CHECK(values.scalar_type() == input.scalar_type() && values.dim() == 1 && values.is_contiguous() &&
+                  values.size(0) == col_idx.size(0),
+              op, ": values must be a contiguous 1-D ", input.scalar_type(), " tensor with one entry per col_idx entry (",
+              col_idx.size(0), "), got ", values.scalar_type(), " of shape ", values.sizes());
+  TORCH_CHECK(bias.scalar_type() == input.scalar_type() && bias.dim() == 1 && bias.is_contiguous(), op,
+              ": bias must be a contiguous 1-D ", input.scalar_type(), " tensor, got ", bias.scalar_type(),
+              " of shape ", bias.sizes());
+  for (const Tensor* t : {&input, &values, &row_ptr, &col_idx, &bias}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ", t->device());
+  }
+  const int64_t L = plan.size(0);
+  const int64_t* p = plan.data_ptr<int64_t>();
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  std::vector<Layer> layers(L);
+  int64_t width = input.size(-1);
+  // The full index check runs once per (plan, row_ptr, col_idx) state (validated.h).
+  const bool structure_known_valid = known_valid({&plan, &row_ptr, &col_idx}, 0);
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* q = p + l * kPlanCols;
+    Layer& y = layers[l];
+    y = Layer{q[0], q[1], q[2], q[3], q[4], q[5] == 1};
+    TORCH_CHECK(y.in == width, op, ": layer ", l, " has in_features ", y.in, " but its input has width ", width,
+                l == 0 ? " (input.shape[-1])" : " (the previous layer's out_features)");
+    TORCH_CHECK(y.out >= 0 && (q[5] == 0 || q[5] == 1), op, ": layer ", l, " has out_features ", y.out,
+                " and activation ", q[5], "; expected out_features >= 0 and activation 0 (none) or 1 (ReLU)");
+    TORCH_CHECK(y.rp_off >= 0 && y.rp_off <= row_ptr.size(0) - (y.out + 1), op, ": layer ", l,
+                " needs row_ptr[", y.rp_off, " : ", y.rp_off + y.out + 1, "], row_ptr has ", row_ptr.size(0),
+                " entries");
+    const int32_t* lrp = rp + y.rp_off;
+    TORCH_CHECK(lrp[0] == 0, op, ": layer ", l, ": its row_ptr must start at 0, got ", lrp[0]);
+    const int64_t nnz = lrp[y.out];
+    TORCH_CHECK(y.nnz_off >= 0 && nnz >= 0 && y.nnz_off <= col_idx.size(0) - nnz, op, ": layer ", l, " needs col_idx[",
+                y.nnz_off, " : ", y.nnz_off + nnz, "], col_idx has ", col_idx.size(0), " entries");
+    TORCH_CHECK(y.bias_off == -1 || (y.bias_off >= 0 && y.bias_off <= bias.size(0) - y.out), op, ": layer ", l,
+                " needs bias[", y.bias_off, " : ", y.bias_off + y.out, "], bias has ", bias.size(0),
+                " entries (bias offset -1 means no bias)");
+    TORCH_CHECK(col_idx.scalar_type() == at::kInt || y.in <= 32767, op, ": layer ", l, " has in_features ", y.in,
+                ", which int16 col_idx cannot index; use int32");
+    if (structure_known_valid) {
+      width = y.out;
+      continue;
+    }
+    mk::CsrCheck c;
+    if (col_idx.scalar_type() == at::kShort) {
+      c = mk::check_csr(lrp, y.out, col_idx.data_ptr<int16_t>() + y.nnz_off, y.in);
+    } else {
+      c = mk::check_csr(lrp, y.out, col_idx.data_ptr<int32_t>() + y.nnz_off, y.in);
+    }
+    TORCH_CHECK(c.fault != mk::CsrFault::Decreasing, op, ": layer ", l, ": row_ptr decreases after row ", c.where);
+    TORCH_CHECK(c.fault != mk::CsrFault::ColumnOutOfRange, op, ": layer ", l, ": col_idx entry ", c.where,
+                " is outside [0, in_features = ", y.in, ")");
+    width = y.out;
+  }
+  if (!structure_known_valid) remember_valid({&plan, &row_ptr, &col_idx}, 0);
+  TORCH_CHECK(out_features == width, op, ": out_features (", out_features, ") must equal the last layer's (", width,
+              ")");
+  return layers;
+}
+
+template <typename T, typename I>
+struct Chain {
+  const std::vector<Layer>& layers;
+  const int32_t* rp;
+  const I* ci;
+  const T* val;
+  const T* bias;
+
+  const int32_t* layer_rp(const Layer& y) const { return rp + y.rp_off; }
+  const I* layer_ci(const Layer& y) const { return ci + y.nnz_off; }
+  const T* layer_val(const Layer& y) const { return val + y.nnz_off; }
+  const T* layer_bias(const Layer& y) const { return y.bias_off < 0 ? nullptr : bias + y.bias_off; }
+
+  // Row-major activations h [B, layers[l0].in] through layers l0.. into out [B, last out].
+  void rows(std::vector<T> h, int64_t B, size_t l0, T* out) const {
+    std::vector<T> next;
+    for (size_t l = l0; l < layers.size(); ++l) {
+      const Layer& y = layers[l];
+      const bool last = l + 1 == layers.size();
+      if (!last) next.assign(B * y.out, T(0));
+      T* dst = last ? out : next.data();
+      const int32_t* lrp = layer_rp(y);
+      const int64_t nnz = lrp[y.out];
+      for (int64_t b = 0; b < B; ++b) {
+        const T* x = h.data() + b * y.in;
+        T* o = dst + b * y.out;
+        at::parallel_for(0, y.out, grain_rows(nnz, y.out, 1), [&](int64_t r0, int64_t r1) {
+          mk::spmv(x, lrp, layer_ci(y), layer_val(y), layer_bias(y), o, r0, r1);
+        });
+      }
+      mk::nonfinite_fixup(h.data(), y.in, y.in, lrp, layer_ci(y), y.out, dst, y.out, 0, B);
+      sm::relu_all_finite(dst, B * y.out, y.relu);
+      if (!last) h.swap(next);
+    }
+  }
+
+  // Batched: the chain runs on transposed activations [width, nbp] (batch contiguous,
+  // padded to a multiple of mk::kBatchPad), so one transpose in and one out serve every layer.
+  void batched(const T* x, int64_t B, T* out) const {
+    const int64_t nbp = (B + mk::kBatchPad - 1) / mk::kBatchPad * mk::kBatchPad;
+    const int64_t K0 = layers[0].in;
+    std::vector<T> ht(K0 * nbp), next;
+    at::parallel_for(0, K0, std::max<int64_t>(16, kGrainWork / nbp),
+                     [&](int64_t c0, int64_t c1) { mk::transpose_pad(x, K0, B, nbp, K0, ht.data(), nbp, c0, c1); });
+    bool finite = sm::relu_all_finite(ht.data(), K0 * nbp, false);
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const Layer& y = layers[l];
+      if (!finite) {
+        // Rare: a non-finite activation. Finish row by row, where the dense semantics of
+        // NaN / inf against pruned weights are applied per row.
+        std::vector<T> h(B * y.in);
+        at::parallel_for(0, B, std::max<int64_t>(16, kGrainWork / std::max<int64_t>(y.in, 1)),
+                         [&](int64_t b0, int64_t b1) { mk::transpose_pad(ht.data(), nbp, y.in, y.in, B, h.data(), y.in, b0, b1); });
+        rows(std::move(h), B, l, out);
+        return;
+      }
+      next.resize(y.out * nbp);
+      const int32_t* lrp = layer_rp(y);
+      std::atomic<bool> all_finite{true};
+      at::parallel_for(0, y.out, grain_rows(lrp[y.out], y.out, nbp), [&](int64_t r0, int64_t r1) {
+        mk::spmm_t(ht.data(), nbp, nbp, lrp, layer_ci(y), layer_val(y), layer_bias(y), next.data(), nbp, r0, r1);
+        if (!sm::relu_all_finite(next.data() + r0 * nbp, (r1 - r0) * nbp, y.relu)) all_finite = false;
+      });
+      finite = all_finite;
+      ht.swap(next);
+    }
+    const int64_t N = layers.back().out;
+    at::parallel_for(0, B, std::max<int64_t>(16, kGrainWork / std::max<int64_t>(N, 1)),
+                     [&](int64_t b0, int64_t b1) { mk::transpose_pad(ht.data(), nbp, N, N, B, out, N, b0, b1); });
+  }
+};
+
+Tensor sparse_mlp(const Tensor& input, const Tensor& plan, const Tensor& values, const Tensor& row_ptr,
+                  const Tensor& col_idx, const Tensor& bias, int64_t out_features) {
+  const std::vector<Layer> layers = read_plan(input, plan, values, row_ptr, col_idx, bias, out_features);
+  const int64_t K0 = input.size(-1);
+  const Tensor x2d = input.reshape({-1, K0}).contiguous();
+  const int64_t B = x2d.size(0);
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
+  shape.push_back(out_features);
+  Tensor y = at::empty(shape, input.options());
+  if (B == 0 || out_features == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "_sparse_mlp", [&] {
+    auto run = [&](auto* ci) {
+      using I = std::remove_const_t<std::remove_pointer_t<decltype(ci)>>;
+      const Chain<scalar_t, I> chain{layers, row_ptr.data_ptr<int32_t>(), ci, values.data_ptr<scalar_t>(),
+                                     bias.data_ptr<scalar_t>()};
+      const scalar_t* x = x2d.data_ptr<scalar_t>();
+      if (B <= kRowPathMaxBatch) chain.rows(std::vector<scalar_t>(x, x + B * K0), B, 0, y.data_ptr<scalar_t>());
+      else chain.batched(x, B, y.data_ptr<scalar_t>());
+    };
+    if (col_idx.scalar_type() == at::kShort) run(col_idx.data_ptr<int16_t>());
+    else run(col_idx.data_ptr<int32_t>());
+  });
+  return y;
+}
+
+}  // namespace
+
+void define_sparse_mlp_ops(torch::Library& m) {
+  m.def("_sparse_mlp(Tensor input, Tensor plan, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor bias, "
+        "int out_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) { m.impl("_sparse_mlp", &sparse_mlp); }
+
+}  // namespace torchslim

@@ -1,0 +1,23 @@
+// A small cache of index tensors that passed a full range check, so that ops taking a
+// cached sparse structure (the masked linear structure ops, the fused MLP op) check every
+// index once per structure instead of once per call.
+//
+// An entry holds weak references to the tensors (their TensorImpls stay allocated, so an
+// address cannot be reused by another tensor while the entry lives) with the version,
+// data pointer and size each had when checked, and a tag (e.g. the extent the indices
+// were checked against). Any in-place write bumps the version and any new storage changes
+// the data pointer, so an edited or different tensor is checked again. Inference tensors
+// have no version counter and are never cached.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <initializer_list>
+
+namespace torchslim {
+
+// Whether these tensors, in their current state, passed a check recorded with this tag.
+bool known_valid(std::initializer_list<const at::Tensor*> tensors, int64_t tag);
+// Records that these tensors passed the check for this tag.
+void remember_valid(std::initializer_list<const at::Tensor*> tensors, int64_t tag);
+
+}  // namespace torchslim
