@@ -164,3 +164,53 @@ def test_mixup_transfer_set_runs_and_counts_teacher_calls():
     distill(s2, teacher, batches, epochs=2, lr=1e-2, mixup=True, cache_teacher_logits=True, progress=False, seed=3)
     for a, b in zip(s1.parameters(), s2.parameters()):  # seeded: reproducible
         torch.testing.assert_close(a, b)
+
+
+def test_cached_logits_belong_to_the_batch_samples_under_shuffling(monkeypatch):
+    # The cache is keyed by dataset index: with a shuffling DataLoader every batch must get
+    # the teacher's logits of exactly its own samples, in its order, in every epoch.
+    import torchslim.distill as distill_mod
+
+    x, y = _toy(n=200)
+    teacher = _mlp(10, 16, 4, 1)
+    original = distill_mod._TeacherCache.get
+    checked = []
+
+    def checking_get(self, teacher_, xb, idx, dev):
+        out = original(self, teacher_, xb, idx, dev)
+        with torch.no_grad():
+            torch.testing.assert_close(out, teacher_(xb))
+        checked.append(xb.shape[0])
+        return out
+
+    monkeypatch.setattr(distill_mod._TeacherCache, "get", checking_get)
+    loader = DataLoader(TensorDataset(x, y), batch_size=48, shuffle=True, generator=torch.Generator().manual_seed(2))
+    distill(_mlp(10, 8, 4, 2), teacher, loader, epochs=3, cache_teacher_logits=True, progress=False, mixup=True)
+    assert sum(checked) == 3 * 200
+
+
+def test_pipeline_plain_student_has_the_distilled_students_budget():
+    # Pipeline.distill_stage(None, ...) is the baseline distillation must beat: with alpha=0
+    # (labels only) distilling must train exactly the same network, i.e. same initial
+    # weights, batch order, optimizer, learning rate and epochs.
+    from torchslim.data import load_dataset
+    from torchslim.pipeline import Pipeline, PipelineConfig, make_mlp
+
+    cfg = PipelineConfig(student_hidden=(8,), epochs=2, alpha=0.0, verbose=False, progress=False)
+    pipe = Pipeline(cfg)
+    assert pipe.distill_epochs == 4  # default: twice the dense network's epochs
+    split = load_dataset(None, seed=0)
+    split.x_train, split.y_train = split.x_train[:256], split.y_train[:256]
+    pipe.split, pipe.num_classes = split, split.num_classes
+    pipe.x_test, pipe.y_test = split.x_test, split.y_test
+    teacher = make_mlp(split.num_features, (16,), split.num_classes)
+    plain = pipe.distill_stage(None, "plain", 10)
+    labels_only = pipe.distill_stage(teacher, "student", 10)
+    for a, b in zip(plain.state_dict().values(), labels_only.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    pipe.cfg.alpha = 0.9  # with the teacher's soft targets the training differs
+    distilled = pipe.distill_stage(teacher, "student", 10)
+    assert not torch.equal(distilled[0].weight, plain[0].weight)
+    pipe._seed(10)
+    untrained = make_mlp(split.num_features, (8,), split.num_classes)  # the students' common start
+    assert not torch.equal(untrained[0].weight, plain[0].weight)
