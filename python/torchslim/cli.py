@@ -95,8 +95,8 @@ def _add_run_parser(sub) -> None:
     g = p.add_argument_group("distillation")
     g.add_argument("--student-hidden", type=_int_list, default=None,
                    help="hidden sizes of a student distilled from the dense teacher, e.g. 100 (default: no student)")
-    g.add_argument("--distill-epochs", type=int, default=None, help="student epochs (default: --epochs)")
-    g.add_argument("--temperature", type=float, default=d.temperature)
+    g.add_argument("--distill-epochs", type=int, default=None, help="student epochs (default: 2 x --epochs)")
+    g.add_argument("--temperature", type=float, default=d.temperature, help="distillation temperature (%(default)s)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="weight of the soft-target loss (%(default)s)")
     g.add_argument("--mixup", action="store_true",
                    help="also distil on mixed inputs (lam*x_i + (1-lam)*x_j) labelled by the teacher only")
