@@ -23,7 +23,9 @@ def time_ms(fn, min_run_time: float = 0.3, warmup: int = 3) -> dict:
     """Run fn() repeatedly; return {'p20', 'p50', 'p80'} in milliseconds."""
     for _ in range(warmup):
         fn()
-    measurement = tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs stmt on one thread unless told otherwise: time with the threads torch uses.
+    measurement = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                               ).blocked_autorange(min_run_time=min_run_time)
     times = np.asarray(measurement.times) * 1e3
     return {"p20": float(np.percentile(times, 20)), "p50": float(np.percentile(times, 50)),
             "p80": float(np.percentile(times, 80))}

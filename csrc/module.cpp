@@ -31,6 +31,11 @@ static py::dict build_info() {
   info["cuda_built"] = false;
 #endif
   info["simd"] = torchslim::cpu::simd_level_name(torchslim::cpu::simd_level());
+#ifdef _OPENMP
+  info["openmp"] = true;  // the CPU kernels' at::parallel_for loops use torch's threads
+#else
+  info["openmp"] = false;  // they run on one thread
+#endif
 #if defined(__x86_64__)
   info["arch"] = "x86_64";
 #elif defined(__aarch64__)

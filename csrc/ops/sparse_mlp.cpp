@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #include <vector>
 
 #include "kernels/cpu/masked_linear.h"
@@ -44,7 +45,15 @@ struct Layer {
   bool relu;
 };
 
+// Rows per parallel chunk for a layer of nnz entries times per_entry columns. A layer with
+// less than kParallelWork of that work runs on the calling thread: waking the pool costs
+// tens of microseconds on small machines, more than splitting a small layer saves.
+constexpr int64_t kParallelWork = 1 << 21;
+// One batch-1 entry (a gathered load) costs about as much as this many batched entries
+// (one SIMD lane of an FMA on contiguous activations).
+constexpr int64_t kSpmvEntryCost = 8;
 int64_t grain_rows(int64_t nnz, int64_t rows, int64_t per_entry) {
+  if (nnz * per_entry < kParallelWork) return std::max<int64_t>(rows, 1);
   const int64_t per_row = std::max<int64_t>(1, (nnz / std::max<int64_t>(rows, 1) + 1) * per_entry);
   return std::max<int64_t>(1, kGrainWork / per_row);
 }
@@ -125,6 +134,22 @@ std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tens
   return layers;
 }
 
+constexpr size_t kKeepScratchBytes = size_t(64) << 20;
+
+// Per-thread scratch buffer `slot` (0 or 1) of at least n elements, reused across calls;
+// buffers over kKeepScratchBytes are released at the next call.
+template <typename T>
+T* scratch(int slot, int64_t n) {
+  thread_local std::vector<T> buffers[2];
+  std::vector<T>& b = buffers[slot];
+  if (b.size() * sizeof(T) > kKeepScratchBytes) std::vector<T>().swap(b);
+  if (b.size() < static_cast<size_t>(n)) {
+    std::vector<T>().swap(b);
+    b.resize(static_cast<size_t>(n));
+  }
+  return b.data();
+}
+
 template <typename T, typename I>
 struct Chain {
   const std::vector<Layer>& layers;
@@ -151,7 +176,7 @@ struct Chain {
       for (int64_t b = 0; b < B; ++b) {
         const T* x = h.data() + b * y.in;
         T* o = dst + b * y.out;
-        at::parallel_for(0, y.out, grain_rows(nnz, y.out, 1), [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, y.out, grain_rows(nnz, y.out, kSpmvEntryCost), [&](int64_t r0, int64_t r1) {
           mk::spmv(x, lrp, layer_ci(y), layer_val(y), layer_bias(y), o, r0, r1);
         });
       }
@@ -166,10 +191,16 @@ struct Chain {
   void batched(const T* x, int64_t B, T* out) const {
     const int64_t nbp = (B + mk::kBatchPad - 1) / mk::kBatchPad * mk::kBatchPad;
     const int64_t K0 = layers[0].in;
-    std::vector<T> ht(K0 * nbp), next;
+    int64_t widest = K0;
+    for (const Layer& y : layers) widest = std::max(widest, y.out);
+    // Two activation buffers, written before they are read. Kept per thread between calls
+    // (up to kKeepScratchBytes each): fresh large allocations are new pages, and faulting
+    // them in cost more than the products for a small MLP at batch 256.
+    T* ht = scratch<T>(0, widest * nbp);
+    T* next = scratch<T>(1, widest * nbp);
     at::parallel_for(0, K0, std::max<int64_t>(16, kGrainWork / nbp),
-                     [&](int64_t c0, int64_t c1) { mk::transpose_pad(x, K0, B, nbp, K0, ht.data(), nbp, c0, c1); });
-    bool finite = sm::relu_all_finite(ht.data(), K0 * nbp, false);
+                     [&](int64_t c0, int64_t c1) { mk::transpose_pad(x, K0, B, nbp, K0, ht, nbp, c0, c1); });
+    bool finite = sm::relu_all_finite(ht, K0 * nbp, false);
     for (size_t l = 0; l < layers.size(); ++l) {
       const Layer& y = layers[l];
       if (!finite) {
@@ -177,23 +208,22 @@ struct Chain {
         // NaN / inf against pruned weights are applied per row.
         std::vector<T> h(B * y.in);
         at::parallel_for(0, B, std::max<int64_t>(16, kGrainWork / std::max<int64_t>(y.in, 1)),
-                         [&](int64_t b0, int64_t b1) { mk::transpose_pad(ht.data(), nbp, y.in, y.in, B, h.data(), y.in, b0, b1); });
+                         [&](int64_t b0, int64_t b1) { mk::transpose_pad(ht, nbp, y.in, y.in, B, h.data(), y.in, b0, b1); });
         rows(std::move(h), B, l, out);
         return;
       }
-      next.resize(y.out * nbp);
       const int32_t* lrp = layer_rp(y);
       std::atomic<bool> all_finite{true};
       at::parallel_for(0, y.out, grain_rows(lrp[y.out], y.out, nbp), [&](int64_t r0, int64_t r1) {
-        mk::spmm_t(ht.data(), nbp, nbp, lrp, layer_ci(y), layer_val(y), layer_bias(y), next.data(), nbp, r0, r1);
-        if (!sm::relu_all_finite(next.data() + r0 * nbp, (r1 - r0) * nbp, y.relu)) all_finite = false;
+        mk::spmm_t(ht, nbp, nbp, lrp, layer_ci(y), layer_val(y), layer_bias(y), next, nbp, r0, r1);
+        if (!sm::relu_all_finite(next + r0 * nbp, (r1 - r0) * nbp, y.relu)) all_finite = false;
       });
       finite = all_finite;
-      ht.swap(next);
+      std::swap(ht, next);
     }
     const int64_t N = layers.back().out;
     at::parallel_for(0, B, std::max<int64_t>(16, kGrainWork / std::max<int64_t>(N, 1)),
-                     [&](int64_t b0, int64_t b1) { mk::transpose_pad(ht.data(), nbp, N, N, B, out, N, b0, b1); });
+                     [&](int64_t b0, int64_t b1) { mk::transpose_pad(ht, nbp, N, N, B, out, N, b0, b1); });
   }
 };
 

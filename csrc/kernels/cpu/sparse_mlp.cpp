@@ -26,20 +26,25 @@ using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
 template <typename T>
 constexpr Bits<T> kExponent = sizeof(T) == 4 ? Bits<T>(0x7f800000u) : Bits<T>(0x7ff0000000000000ull);
 
-#define TS_RELU_BODY                                                 \
-  Bits<T> bad = 0;                                                   \
-  for (int64_t i = 0; i < n; ++i) {                                  \
-    Bits<T> bits;                                                    \
-    std::memcpy(&bits, y + i, sizeof(T));                            \
-    bad |= static_cast<Bits<T>>((bits & kExponent<T>) == kExponent<T>); \
-    if (relu) y[i] = y[i] < T(0) ? T(0) : y[i];                      \
-  }                                                                  \
+// One pass: the activation, then the exponent test of the value stored.
+#define TS_RELU_BODY                                                          \
+  Bits<T> bad = 0;                                                            \
+  for (int64_t i = 0; i < n; ++i) {                                           \
+    T v = y[i];                                                               \
+    if constexpr (Relu) {                                                     \
+      v = v < T(0) ? T(0) : v;                                                \
+      y[i] = v;                                                               \
+    }                                                                         \
+    Bits<T> bits;                                                             \
+    std::memcpy(&bits, &v, sizeof(T));                                        \
+    bad |= (bits & kExponent<T>) == kExponent<T> ? Bits<T>(1) : Bits<T>(0);   \
+  }                                                                           \
   return bad == 0;
 
-template <typename T>
-bool relu_body(T* y, int64_t n, bool relu) { TS_RELU_BODY }
-template <typename T>
-TS_AVX2 bool relu_avx2(T* y, int64_t n, bool relu) { TS_RELU_BODY }
+template <typename T, bool Relu>
+bool relu_body(T* y, int64_t n) { TS_RELU_BODY }
+template <typename T, bool Relu>
+TS_AVX2 bool relu_avx2(T* y, int64_t n) { TS_RELU_BODY }
 #undef TS_RELU_BODY
 
 }  // namespace
@@ -47,9 +52,9 @@ TS_AVX2 bool relu_avx2(T* y, int64_t n, bool relu) { TS_RELU_BODY }
 template <typename T>
 bool relu_all_finite(T* y, int64_t n, bool relu) {
 #if defined(__x86_64__)
-  if (simd_level() != SimdLevel::Scalar) return relu_avx2(y, n, relu);
+  if (simd_level() != SimdLevel::Scalar) return relu ? relu_avx2<T, true>(y, n) : relu_avx2<T, false>(y, n);
 #endif
-  return relu_body(y, n, relu);
+  return relu ? relu_body<T, true>(y, n) : relu_body<T, false>(y, n);
 }
 
 template bool relu_all_finite<float>(float*, int64_t, bool);
