@@ -17,6 +17,25 @@ def test_build_info_keys_and_values():
     assert info["threads"] == torch.get_num_threads()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "openmp" not in torch.__config__.parallel_info().lower(),
+                    reason="OpenMP is expected where torch itself uses it (Linux wheels)")
+def test_kernels_use_torchs_threads():
+    """Without OpenMP at build time, at::parallel_for in the extension runs serially."""
+    assert torchslim.build_info()["openmp"] is True
+    # and a parallel kernel gives the same result on 1 and 2 threads
+    x, w = torch.randn(3, 700), torch.randn(900, 700)
+    mask = torch.rand(900, 700) < 0.3
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torchslim.ops.masked_linear(x, w, mask)
+        torch.set_num_threads(2)
+        two = torchslim.ops.masked_linear(x, w, mask)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(one, two)
+
+
 def test_release_comparison():
     assert _extension._same_release("2.13.0+cpu", "2.13.0")
     assert not _extension._same_release("2.13.0+cpu", "2.14.1+cu128")
