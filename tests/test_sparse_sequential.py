@@ -241,6 +241,19 @@ def test_state_dict_copy_pickle_and_to_sparse():
     assert type(nested) is nn.Sequential and type(nested[1]) is SparseSequential
 
 
+def test_save_and_load_round_trip(tmp_path):
+    pruned = tprune.magnitude_prune(nn.Sequential(nn.Linear(37, 53), nn.ReLU(), nn.Linear(53, 11)), 0.8,
+                                    scope="layer").eval()
+    model = tio.to_sparse(pruned)
+    path = tmp_path / "m.safetensors"
+    tio.save(model, path)
+    again = tio.to_sparse(tio.load(path)).eval()
+    assert type(again) is SparseSequential
+    x = torch.randn(4, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
 def test_compile_falls_back_to_the_layer_ops():
     model = mlp()
     x = torch.randn(5, 37)
