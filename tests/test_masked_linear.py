@@ -258,6 +258,33 @@ def test_structure_ops_check_every_index(inference):
             ops._masked_backward(g, x, values_t, row_ptr, col_idx, t_row_ptr, tci, True, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_masked_dense_is_where(dtype):
+    """_masked_dense(weight, mask) == where(mask, weight, 0) bit for bit, NaN/inf included,
+    for odd sizes, non-contiguous weights and every floating dtype; it is the dense path's
+    weight and weight-gradient masking."""
+    for shape in [(1, 1), (7, 13), (300, 301), (0, 5)]:
+        w = torch.randn(*shape).to(dtype)
+        mask = torch.rand(*shape) < 0.4
+        if w.numel():
+            w.view(-1)[0] = float("nan")
+            w.view(-1)[-1] = float("inf")
+        for weight in (w, w.T.contiguous().T):  # non-contiguous view of the same values
+            out = ops._masked_dense(weight, mask)
+            ref = torch.where(mask, weight, torch.zeros((), dtype=dtype))
+            assert out.dtype == dtype and out.shape == weight.shape
+            assert torch.equal(out.view(torch.int16 if dtype.itemsize == 2 else
+                                        torch.int32 if dtype.itemsize == 4 else torch.int64),
+                               ref.contiguous().view(torch.int16 if dtype.itemsize == 2 else
+                                                     torch.int32 if dtype.itemsize == 4 else torch.int64))
+    with pytest.raises(RuntimeError, match="mask must be a bool"):
+        ops._masked_dense(torch.randn(2, 2), torch.ones(2, 2))
+    with pytest.raises(RuntimeError, match="shape of weight"):
+        ops._masked_dense(torch.randn(2, 2), torch.ones(2, 3, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="floating"):
+        ops._masked_dense(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.bool))
+
+
 def test_gradcheck_float64():
     for sparsity in (0.0, 0.7):
         x, w, mask, b = sample_inputs((3, 2), 6, 5, sparsity, torch.float64, requires_grad=True)

@@ -47,6 +47,19 @@ def test_forward_backward_match_reference(sparsity, lead):
         torch.testing.assert_close(layer(x).double(), reference(layer, x), rtol=1e-4, atol=1e-4)
 
 
+def test_dense_path_gradcheck_float64():
+    """The dense path (density above the sparse rule) in float64: gradcheck through the
+    module for input, weight and bias."""
+    lin = nn.Linear(9, 6, dtype=torch.float64)
+    layer = MaskedSparseLinear.from_dense(lin, mask=torch.rand(6, 9) < 0.7)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    layer(x)
+    assert layer.last_path == "dense"
+    torch.autograd.gradcheck(lambda inp, w, b: torch.func.functional_call(layer, {"weight": w, "bias": b}, (inp,)),
+                             (x, layer.weight.detach().clone().requires_grad_(),
+                              layer.bias.detach().clone().requires_grad_()))
+
+
 def test_paths_and_density():
     sparse, _, mask = make_layer(sparsity=0.9)
     dense, _, _ = make_layer(sparsity=0.0)

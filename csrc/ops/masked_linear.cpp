@@ -11,6 +11,7 @@
 //   _masked_sddmm(grad_output, input, row_ptr, col_idx) -> dense-shaped dW, zero off the structure
 //   _masked_gather(weight, row_ptr, col_idx, transposed) -> values (float32, float64 for float64)
 //   _masked_spmm(input, values, row_ptr, col_idx, bias) -> input @ S^T + bias
+//   _masked_dense(weight, mask) -> where(mask, weight, 0) (the dense path's weight and gradient)
 //   _masked_backward(grad_output, input, values_t, structures, need_input, need_weight)
 //       -> (grad_input, grad_weight): one transpose of grad_output serves both; grad_weight
 //          is dense-shaped, computed only at the kept positions, zero elsewhere
@@ -637,6 +638,36 @@ Tensor masked_gather(const Tensor& weight, const Tensor& row_ptr, const Tensor& 
   return gather_any(weight, row_ptr, col_idx, transposed);
 }
 
+// where(mask, weight, 0) for the dense path (forward weight and weight gradient): one
+// vectorised select instead of at::where's general kernel (~15x slower on 1M floats here).
+Tensor masked_dense(const Tensor& weight, const Tensor& mask) {
+  TORCH_CHECK(is_floating(weight.scalar_type()), "_masked_dense: weight must be floating point, got ",
+              weight.scalar_type());
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "_masked_dense: mask must be a bool tensor, got ", mask.scalar_type());
+  TORCH_CHECK(mask.sizes() == weight.sizes(), "_masked_dense: mask must have the shape of weight ", weight.sizes(),
+              ", got ", mask.sizes());
+  TORCH_CHECK(mask.device() == weight.device(), "_masked_dense: mask must be on the device of weight (",
+              weight.device(), "), got ", mask.device());
+  if (!weight.device().is_cpu()) return at::where(mask, weight, at::zeros({}, weight.options()));
+  const Tensor w = weight.contiguous();
+  const Tensor m = mask.contiguous();
+  Tensor out = at::empty(w.sizes(), w.options());
+  const int64_t n = w.numel();
+  auto run = [&](auto zero) {
+    using U = decltype(zero);
+    const U* wp = static_cast<const U*>(w.const_data_ptr());
+    U* op = static_cast<U*>(out.data_ptr());
+    const bool* mp = m.const_data_ptr<bool>();
+    at::parallel_for(0, n, 1 << 18, [&](int64_t i0, int64_t i1) { mk::masked_copy(wp, mp, op, i0, i1); });
+  };
+  switch (w.element_size()) {
+    case 2: run(uint16_t(0)); break;
+    case 4: run(uint32_t(0)); break;
+    default: run(uint64_t(0)); break;
+  }
+  return out;
+}
+
 Tensor masked_spmm(const Tensor& input, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
                    const std::optional<Tensor>& bias) {
   TORCH_CHECK(input.dim() >= 1 && is_floating(input.scalar_type()),
@@ -713,6 +744,7 @@ void define_masked_linear_ops(torch::Library& m) {
   m.def("_masked_sddmm(Tensor grad_output, Tensor input, Tensor row_ptr, Tensor col_idx) -> Tensor");
   m.def("_masked_gather(Tensor weight, Tensor row_ptr, Tensor col_idx, bool transposed) -> Tensor");
   m.def("_masked_spmm(Tensor input, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor? bias=None) -> Tensor");
+  m.def("_masked_dense(Tensor weight, Tensor mask) -> Tensor");
   m.def("_masked_backward(Tensor grad_output, Tensor input, Tensor values_t, Tensor row_ptr, Tensor col_idx, "
         "Tensor t_row_ptr, Tensor t_col_idx, bool need_input, bool need_weight) -> (Tensor, Tensor)");
 }
@@ -728,6 +760,7 @@ void impl_masked_linear_ops(torch::Library& m) {
   m.impl("_masked_sddmm", &masked_sddmm);
   m.impl("_masked_gather", &masked_gather);
   m.impl("_masked_spmm", &masked_spmm);
+  m.impl("_masked_dense", &masked_dense);
   m.impl("_masked_backward", &masked_backward);
 }
 }  // namespace

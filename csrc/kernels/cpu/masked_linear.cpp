@@ -99,6 +99,34 @@ void count_rows(const bool* mask, int64_t cols, int32_t* counts, int64_t r0, int
   }
 }
 
+// Branch-free select on the mask byte so that it vectorises; AVX2 clone picked at run time.
+#define TS_MASKED_COPY_BODY                                                           \
+  const unsigned char* m = reinterpret_cast<const unsigned char*>(mask);              \
+  for (int64_t i = i0; i < i1; ++i) out[i] = w[i] & (U(0) - static_cast<U>(m[i] != 0));
+
+template <typename U>
+static void masked_copy_body(const U* w, const bool* mask, U* out, int64_t i0, int64_t i1) {
+  TS_MASKED_COPY_BODY
+}
+#if defined(__x86_64__)
+template <typename U>
+TS_AVX2 static void masked_copy_avx2(const U* w, const bool* mask, U* out, int64_t i0, int64_t i1) {
+  TS_MASKED_COPY_BODY
+}
+#endif
+#undef TS_MASKED_COPY_BODY
+
+template <typename U>
+void masked_copy(const U* w, const bool* mask, U* out, int64_t i0, int64_t i1) {
+#if defined(__x86_64__)
+  if (simd_level() != SimdLevel::Scalar) return masked_copy_avx2(w, mask, out, i0, i1);
+#endif
+  masked_copy_body(w, mask, out, i0, i1);
+}
+template void masked_copy<uint16_t>(const uint16_t*, const bool*, uint16_t*, int64_t, int64_t);
+template void masked_copy<uint32_t>(const uint32_t*, const bool*, uint32_t*, int64_t, int64_t);
+template void masked_copy<uint64_t>(const uint64_t*, const bool*, uint64_t*, int64_t, int64_t);
+
 void count_cols(const bool* mask, int64_t rows, int64_t cols, int32_t* counts, int64_t c0, int64_t c1) {
   for (int64_t c = c0; c < c1; ++c) counts[c] = 0;
   for (int64_t r = 0; r < rows; ++r) {

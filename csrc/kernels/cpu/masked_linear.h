@@ -35,6 +35,11 @@ CsrCheck check_csr(const int32_t* row_ptr, int64_t rows, const I* col, int64_t e
 // Structure building from a row-major bool mask [rows, cols].
 // counts[r] = number of true entries of row r, for r in [r0, r1).
 void count_rows(const bool* mask, int64_t cols, int32_t* counts, int64_t r0, int64_t r1);
+// out[i] = mask[i] ? w[i] : 0 for i in [i0, i1): the masked dense weight (and its
+// gradient) of the dense path. U is an unsigned integer of the element's width (the
+// select copies bits, so it serves every floating dtype; all-zero bits are +0.0).
+template <typename U>
+void masked_copy(const U* w, const bool* mask, U* out, int64_t i0, int64_t i1);
 // counts[c] = number of true entries of column c, for c in [c0, c1).
 void count_cols(const bool* mask, int64_t rows, int64_t cols, int32_t* counts, int64_t c0, int64_t c1);
 // Column indices of rows [r0, r1) written at row_ptr[r] (row_ptr already prefix-summed).

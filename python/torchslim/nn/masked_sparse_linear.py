@@ -94,6 +94,20 @@ class _MaskedSparseFn(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+class _MaskedDenseFn(torch.autograd.Function):
+    """where(mask, weight, 0) with the same select for the gradient (the dense path)."""
+
+    @staticmethod
+    def forward(ctx, weight, mask):
+        ctx.save_for_backward(mask)
+        return _ops._masked_dense(weight, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _ops._masked_dense(grad, mask), None
+
+
 class MaskedSparseLinear(nn.Module):
     """Drop-in replacement for nn.Linear computing ``x @ (weight * mask).T + bias``.
 
@@ -225,7 +239,7 @@ class MaskedSparseLinear(nn.Module):
                     if slot == "_pk":
                         data = _ops._masked_gather(weight, st.row_ptr, st.col_idx, False)
                     else:  # "_dw": the masked dense weight for the dense inference path
-                        data = torch.where(st.mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+                        data = _ops._masked_dense(weight, st.mask)
                 pk = _Packed(st, weight, data)
                 self.__dict__[slot] = pk
             return pk.data
@@ -288,7 +302,7 @@ class MaskedSparseLinear(nn.Module):
             return _spmm(input, values, st.row_ptr, st.col_idx, bias)
         self.__dict__["_last_path"] = "dense"
         if grad:
-            return F.linear(input, torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)), bias)
+            return F.linear(input, _MaskedDenseFn.apply(weight, mask), bias)
         pk = self._dw
         if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
                 or pk.ptr != weight.data_ptr()):

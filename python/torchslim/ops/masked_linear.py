@@ -120,6 +120,11 @@ def _spmm_fake(input, values, row_ptr, col_idx, bias=None):
     return input.new_empty((*input.shape[:-1], row_ptr.shape[0] - 1))
 
 
+@torch.library.register_fake("torchslim::_masked_dense")
+def _masked_dense_fake(weight, mask):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("torchslim::_masked_backward")
 def _backward_fake(grad_output, input, values_t, row_ptr, col_idx, t_row_ptr, t_col_idx, need_input, need_weight):
     gi = input.new_empty(input.shape) if need_input else input.new_empty(0)
