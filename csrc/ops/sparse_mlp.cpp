@@ -24,6 +24,7 @@
 
 #include "kernels/cpu/masked_linear.h"
 #include "kernels/cpu/sparse_mlp.h"
+#include "ops/grain.h"
 #include "ops/registration.h"
 #include "ops/validated.h"
 
@@ -35,7 +36,6 @@ namespace mk = torchslim::cpu::masked;
 namespace sm = torchslim::cpu::sparse_mlp;
 
 constexpr int64_t kPlanCols = 6;
-constexpr int64_t kGrainWork = 1 << 16;  // as in masked_linear.cpp: amortises waking a thread
 // Batches up to this size run row by row (no transposes); larger ones run on transposed
 // activations, the layout the batched sparse kernel wants, kept across the whole chain.
 constexpr int64_t kRowPathMaxBatch = 2;
@@ -52,10 +52,9 @@ constexpr int64_t kParallelWork = 1 << 21;
 // One batch-1 entry (a gathered load) costs about as much as this many batched entries
 // (one SIMD lane of an FMA on contiguous activations).
 constexpr int64_t kSpmvEntryCost = 8;
-int64_t grain_rows(int64_t nnz, int64_t rows, int64_t per_entry) {
+int64_t layer_grain(int64_t nnz, int64_t rows, int64_t per_entry) {
   if (nnz * per_entry < kParallelWork) return std::max<int64_t>(rows, 1);
-  const int64_t per_row = std::max<int64_t>(1, (nnz / std::max<int64_t>(rows, 1) + 1) * per_entry);
-  return std::max<int64_t>(1, kGrainWork / per_row);
+  return grain_rows(nnz, rows, per_entry);
 }
 
 std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tensor& values, const Tensor& row_ptr,
@@ -176,7 +175,7 @@ struct Chain {
       for (int64_t b = 0; b < B; ++b) {
         const T* x = h.data() + b * y.in;
         T* o = dst + b * y.out;
-        at::parallel_for(0, y.out, grain_rows(nnz, y.out, kSpmvEntryCost), [&](int64_t r0, int64_t r1) {
+        at::parallel_for(0, y.out, layer_grain(nnz, y.out, kSpmvEntryCost), [&](int64_t r0, int64_t r1) {
           mk::spmv(x, lrp, layer_ci(y), layer_val(y), layer_bias(y), o, r0, r1);
         });
       }
@@ -214,7 +213,7 @@ struct Chain {
       }
       const int32_t* lrp = layer_rp(y);
       std::atomic<bool> all_finite{true};
-      at::parallel_for(0, y.out, grain_rows(lrp[y.out], y.out, nbp), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, y.out, layer_grain(lrp[y.out], y.out, nbp), [&](int64_t r0, int64_t r1) {
         mk::spmm_t(ht, nbp, nbp, lrp, layer_ci(y), layer_val(y), layer_bias(y), next, nbp, r0, r1);
         if (!sm::relu_all_finite(next + r0 * nbp, (r1 - r0) * nbp, y.relu)) all_finite = false;
       });
