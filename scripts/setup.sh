@@ -18,5 +18,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja "cmake>=3.25"
 # --no-build-isolation: compile against the torch installed above, not a second one.
-"$VENV/bin/python" -m pip install -q --no-build-isolation -Cbuild-dir=build/pip ".[test,pipeline]"
+# A constraints file pins the installed torch so that no dependency (transformers, ...)
+# can replace it with another build.
+"$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$VENV/torch-constraint.txt"
+"$VENV/bin/python" -m pip install -q -c "$VENV/torch-constraint.txt" --no-build-isolation -Cbuild-dir=build/pip ".[test,pipeline]"
 "$VENV/bin/python" -m torchslim info
