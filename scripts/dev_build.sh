@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+# CMake needs an absolute interpreter path (a relative one resolves to another Python).
+case "$PYTHON" in */*) PYTHON="$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")" ;; esac
 BUILD=${BUILD_DIR:-build/dev}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
   -DTORCHSLIM_CUDA="${TORCHSLIM_CUDA:-AUTO}" >/dev/null
