@@ -208,6 +208,43 @@ def test_all_rows_ignored_gives_zero():
         assert bool((g == 0).all())
 
 
+def test_batchmean_averages_over_all_leading_dims():
+    """[B, L, C] logits: "batchmean" divides the summed loss by B * L rows (a per-token mean),
+    where F.kl_div's "batchmean" divides by B only."""
+    s, t = sample_inputs((3, 5, 7), requires_grad=True, seed=31)
+    temperature = 2.0
+    log_p_s = F.log_softmax(s.detach() / temperature, -1)
+    log_p_t = F.log_softmax(t / temperature, -1)
+    total = temperature ** 2 * F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    out = kd_kl_div(s, t, temperature, "batchmean")
+    torch.testing.assert_close(out, total / 15)
+    torch_batchmean = temperature ** 2 * F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    torch.testing.assert_close(torch_batchmean, total / 3)  # torch's: over the first dim only
+    assert not torch.allclose(out, torch_batchmean)
+    (g,) = torch.autograd.grad(out, s)
+    _, want_grad = ref_with_grad(s, t, temperature, "batchmean")
+    torch.testing.assert_close(g, want_grad)
+
+
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (torch.float16, 6e4), (torch.bfloat16, 3e38)])
+def test_reduced_loss_beyond_the_dtype_range_is_inf(dtype, big):
+    """Each row's loss is finite (~big) but their sum is not representable: "sum" gives inf
+    (what torch.sum gives), never an exception; "none" and the means stay finite."""
+    s = torch.zeros(2, 3, dtype=dtype)
+    t = torch.zeros(2, 3, dtype=dtype)
+    s[:, 1], t[:, 1] = -big, big  # the teacher is sure of class 1, the student gives it ~0
+    per_row = kd_kl_div(s, t, 1.0, "none")
+    assert bool(torch.isfinite(per_row).all()) and per_row.dtype == dtype
+    torch.testing.assert_close(per_row.double(), ref_kd_kl_div(s.double(), t.double(), 1.0, "none"), rtol=1e-2, atol=0)
+    total = kd_kl_div(s, t, 1.0, "sum")
+    assert total.dtype == dtype and total.item() == math.inf
+    assert per_row.sum().item() == math.inf  # the same answer as torch's own reduction
+    assert bool(torch.isfinite(kd_kl_div(s, t, 1.0, "batchmean")))
+    s64, t64 = s.double().requires_grad_(), t.double()
+    out64 = kd_kl_div(s64, t64, 1.0, "sum")  # float64 holds the sum
+    torch.testing.assert_close(out64, ref_kd_kl_div(s64.detach(), t64, 1.0, "sum"))
+
+
 # ---------------------------------------------------------------- low precision
 
 
@@ -448,6 +485,27 @@ def test_kdloss_ignores_padding_rows():
     loss = KDLoss(2.0, 0.5)(s, t, target)
     want = 0.5 * ref_kd_kl_div(s[keep], t[keep], 2.0) + 0.5 * F.cross_entropy(s[keep], target[keep])
     torch.testing.assert_close(loss, want)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(4, 6), (2, 3, 6)])
+def test_kdloss_every_target_ignored_is_zero(alpha, shape):
+    """Both terms are means over the rows that count; over zero rows they are 0 (not 0/0),
+    with a zero gradient: a batch made only of padding contributes nothing."""
+    s, t = sample_inputs(shape, requires_grad=True, seed=26)
+    target = torch.full(shape[:-1], -100)
+    assert math.isnan(F.cross_entropy(s.reshape(-1, 6), target.reshape(-1)).item())  # what we avoid
+    loss = KDLoss(2.0, alpha)(s, t, target)
+    assert loss.item() == 0.0
+    (g,) = torch.autograd.grad(loss, s)
+    assert bool((g == 0).all())
+    # one valid target: the terms are that row's losses again (the zero case is not a clamp)
+    target.view(-1)[1] = 2
+    loss = KDLoss(2.0, alpha)(s, t, target)
+    row = s.reshape(-1, 6)[1:2]
+    want = alpha * ref_kd_kl_div(row, t.reshape(-1, 6)[1:2], 2.0) + (1 - alpha) * F.cross_entropy(row, target.view(-1)[1:2])
+    torch.testing.assert_close(loss, want)
+    assert loss.item() > 0
 
 
 def test_kdloss_validates_arguments():

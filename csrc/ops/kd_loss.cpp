@@ -171,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor> kd_kl_div_fwd_cpu(const at::Tensor& student, 
   }
 
   if (reduction == kNone) return {row_loss.to(student.scalar_type()).reshape(pr.lead), grad};
-  return {at::scalar_tensor(total * scale, student.options()), grad};
+  // Through double: a finite sum beyond the dtype's range (fp32 > 3.4e38, fp16 > 65504)
+  // rounds to inf, as torch's own reductions do, instead of failing the Scalar conversion.
+  return {at::scalar_tensor(total * scale, student.options().dtype(at::kDouble)).to(student.scalar_type()), grad};
 }
 
 #ifdef TORCHSLIM_WITH_CUDA

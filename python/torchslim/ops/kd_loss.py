@@ -90,6 +90,12 @@ def kd_kl_div(
     Rows are the flattened leading dims. ``reduction``: ``"batchmean"`` (sum over rows divided
     by the number of rows that count), ``"sum"``, ``"mean"`` (divided by rows that count times
     C, like ``F.kl_div``'s "mean") or ``"none"`` (one value per row, leading shape).
+    Unlike ``F.kl_div``, whose "batchmean" divides by ``input.size(0)`` only, "batchmean" here
+    averages over all leading dims: ``[B, L, C]`` logits are divided by ``B * L`` (a
+    per-token mean for sequence models). With no row that counts (empty input, all weights 0,
+    every target ignored) "batchmean" and "mean" are 0, with a zero gradient. A reduced loss
+    beyond the dtype's range (a finite fp32 "sum" over 3.4e38) is ``inf``, as in
+    ``torch.sum``.
 
     ``row_weight`` (leading shape, float or bool) weights each row; rows of weight 0 (padding)
     count for nothing, whatever their logits, and "batchmean" divides by the sum of the weights
