@@ -6,7 +6,7 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 run: setup
 	$(PY) -m torchslim run --out out
