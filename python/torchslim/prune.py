@@ -3,8 +3,13 @@ regularisation, structured neuron removal and sparsity reports.
 
 Unstructured pruning turns ``nn.Linear`` layers into :class:`torchslim.nn.MaskedSparseLinear`
 (the same ``weight`` and ``bias`` Parameter objects, plus a boolean ``mask`` buffer), so an
-optimizer or DDP wrapper built before the conversion keeps working. Structured pruning
-(:func:`prune_neurons`) returns a new, physically smaller dense model.
+optimizer or DDP wrapper built before the conversion keeps working. transformers' ``Conv1D``
+(GPT-2's linear layers, weight stored ``[in, out]``) becomes a MaskedSparseLinear too, with
+a new weight Parameter ``[out, in]`` (so its state_dict key holds the transposed weight).
+Layers are chosen by :func:`torchslim._layers.select_layers` (``include`` / ``exclude``
+names, fnmatch patterns or callables; tied weights such as GPT-2's ``lm_head`` are left
+alone). When the model itself is a linear layer, the functions return the new layer.
+Structured pruning (:func:`prune_neurons`) returns a new, physically smaller dense model.
 
 Saving and loading a pruned model
 ---------------------------------
@@ -13,7 +18,7 @@ Masks are buffers, so ``model.state_dict()`` holds ``<layer>.weight``, ``<layer>
 layers (any sparsity: the loaded masks replace the ones computed here), then load::
 
     model = Net()
-    magnitude_prune(model, 0.0)          # same ``include`` as when it was pruned
+    magnitude_prune(model, 0.0)          # same ``include`` / ``exclude`` as when it was pruned
     model.load_state_dict(torch.load("pruned.pt"))
 
 ``layer.to_dense()`` gives back an ``nn.Linear`` holding zeros at the pruned positions.
@@ -38,6 +43,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from torchslim._layers import is_conv1d, is_linear_like, linear_parts, select_layers, torch_pruned_parts
 from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
 
 __all__ = [
@@ -88,43 +94,6 @@ def _check_scope(scope) -> str:
     return scope
 
 
-def _select_linears(model: nn.Module, include) -> list[tuple[str, nn.Module]]:
-    """(name, module) of the nn.Linear / MaskedSparseLinear layers ``include`` selects, in
-    module order (each module once, under its first name)."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, _LINEAR_TYPES)]
-    if include is None:
-        selected = linears
-    elif callable(include):
-        selected = [(n, m) for n, m in linears if include(n, m)]
-        if linears and not selected:
-            raise ValueError("include: the callable selected none of the model's Linear layers "
-                             f"({', '.join(repr(n) for n, _ in linears)})")
-    else:
-        names = [include] if isinstance(include, str) else include
-        try:
-            names = list(names)
-        except TypeError:
-            raise TypeError(f"include must be None, a module name, a list of module names or a callable "
-                            f"(name, module) -> bool, got {type(include).__name__}") from None
-        modules = dict(model.named_modules())
-        wanted = set()
-        for name in names:
-            if not isinstance(name, str):
-                raise TypeError(f"include: module names must be str, got {type(name).__name__} {name!r}")
-            if name not in modules:
-                raise ValueError(f"include: the model has no module named {name!r}")
-            if not isinstance(modules[name], _LINEAR_TYPES):
-                raise ValueError(f"include: module {name!r} is a {type(modules[name]).__name__}, "
-                                 "not an nn.Linear or MaskedSparseLinear")
-            wanted.add(id(modules[name]))
-        if not names:
-            raise ValueError("include: the list of module names is empty")
-        selected = [(n, m) for n, m in linears if id(m) in wanted]
-    if not linears:
-        raise ValueError(f"model: {type(model).__name__} has no nn.Linear layer to prune")
-    return selected
-
-
 def _check_finite_weights(layers: Iterable[tuple[str, nn.Module]]) -> None:
     for name, module in layers:
         w = module.weight.detach()
@@ -143,26 +112,57 @@ def _set_submodule(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
                 parent._modules[child_name] = new
 
 
-def _to_masked(linear: nn.Linear) -> MaskedSparseLinear:
-    """An all-kept MaskedSparseLinear sharing ``linear``'s weight and bias Parameters."""
-    w = linear.weight
-    devices = [w.device.index or 0] if w.device.type == "cuda" else []
+def _masked_parts(name: str, module: nn.Module) -> tuple[nn.Parameter, nn.Parameter | None, torch.Tensor]:
+    """(weight Parameter [out, in], bias Parameter or None, mask) for a linear-like layer that
+    becomes a MaskedSparseLinear.
+
+    nn.Linear: its own Parameters (shared, so an optimizer built before keeps working).
+    transformers Conv1D: a new weight Parameter holding the transposed weight (the bias is
+    shared). A layer pruned with torch.nn.utils.prune (``weight_orig`` / ``weight_mask``):
+    its ``weight_orig`` (``bias_orig``) Parameter, with the pruned entries set to 0, so the
+    old layer still computes what it did. Exact zeros count as pruned: mask = weight != 0.
+    """
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise ValueError(f"layer {name!r} is parametrized with torch.nn.utils.parametrize "
+                         f"({', '.join(module.parametrizations.keys())}): its weight is computed on every call, so "
+                         "it cannot be taken over; call torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                         "'weight') first")
+    pruned = torch_pruned_parts(module, "weight")
+    weight = pruned[0] if pruned is not None else module.weight
+    bias_pruned = torch_pruned_parts(module, "bias")
+    bias = bias_pruned[0] if bias_pruned is not None else module.bias
+    with torch.no_grad():  # what the torch.nn.utils.prune hook computes, made permanent
+        for p, part in ((weight, pruned), (bias, bias_pruned)):
+            if part is not None:
+                p.masked_fill_(part[1].to(p.device) == 0, 0)
+    if is_conv1d(module):
+        weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+    return weight, bias, weight.detach() != 0
+
+
+def _to_masked(name: str, module: nn.Module) -> MaskedSparseLinear:
+    """A MaskedSparseLinear computing what ``module`` computes (see :func:`_masked_parts`)."""
+    weight, bias, mask = _masked_parts(name, module)
+    out_f, in_f = weight.shape
+    devices = [weight.device.index or 0] if weight.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # the throw-away init must not move the user's RNG
-        layer = MaskedSparseLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                   device=w.device, dtype=w.dtype)
-    layer.weight = linear.weight
-    if linear.bias is not None:
-        layer.bias = linear.bias
-    layer.set_mask(torch.ones(linear.out_features, linear.in_features, dtype=torch.bool, device=w.device))
-    layer.train(linear.training)
+        layer = MaskedSparseLinear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    layer.weight = weight
+    if bias is not None:
+        layer.bias = bias
+    layer.set_mask(mask)
+    layer.train(module.training)
     return layer
 
 
 def _convert(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[str, MaskedSparseLinear]]:
+    """Turn the selected layers into MaskedSparseLinear in ``model`` (every registration of
+    each); the model itself, when selected, is converted but cannot be replaced in place:
+    the caller returns it."""
     out = []
     for name, module in layers:
         if not isinstance(module, MaskedSparseLinear):
-            new = _to_masked(module)
+            new = _to_masked(name, module)
             _set_submodule(model, module, new)
             module = new
         out.append((name, module))
@@ -208,11 +208,32 @@ def _prune_group(layers: list[tuple[str, MaskedSparseLinear]], sparsity: float) 
             m.weight.masked_fill_(~m.mask, 0)
 
 
-def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", include=None) -> nn.Module:
-    """Prune the smallest-magnitude weights of the model's Linear layers, in place.
+def _prune_layers(layers: list[tuple[str, MaskedSparseLinear]], sparsity: float, scope: str) -> None:
+    if scope == "global":
+        _prune_group(layers, sparsity)
+    else:
+        for item in layers:
+            _prune_group([item], sparsity)
 
-    Every selected ``nn.Linear`` becomes a ``MaskedSparseLinear`` (sharing its weight and bias
-    Parameters). Then ``k = round(sparsity * n)`` weights are masked: the smallest ``|w|`` of
+
+def _refuse_bare_root(model: nn.Module, layers, what: str) -> None:
+    """``what`` keeps working on ``model`` after converting it, which a bare linear root
+    (replaced, not modified) would silently escape."""
+    if any(name == "" and not isinstance(m, MaskedSparseLinear) for name, m in layers):
+        raise ValueError(f"model: {what} needs a model it can convert in place, got a bare {type(model).__name__}; "
+                         "pass MaskedSparseLinear.from_dense(layer) (or wrap the layer in nn.Sequential) instead")
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", include=None,
+                    exclude=None) -> nn.Module:
+    """Prune the smallest-magnitude weights of the model's linear layers, in place.
+
+    Every selected layer becomes a ``MaskedSparseLinear``: an ``nn.Linear`` shares its
+    weight and bias Parameters with it; a transformers ``Conv1D`` gets a new weight Parameter
+    holding its weight transposed to ``[out, in]`` (build optimizers after pruning); a layer
+    pruned with ``torch.nn.utils.prune`` (parametrized: ``weight_orig`` / ``weight_mask``) is
+    taken over with its mask, sharing ``weight_orig``. Exact zeros already in a weight count
+    as pruned. Then ``k = round(sparsity * n)`` weights are masked: the smallest ``|w|`` of
     each layer (``scope="layer"``, n = the layer's weight count) or of all selected layers
     together (``scope="global"``, n = their total). Weights already masked count towards k
     and stay masked (a higher sparsity prunes further, a lower one changes nothing); ties
@@ -220,26 +241,31 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global", in
     weights are also set to 0 in ``weight``.
 
     Args:
-        model: any nn.Module holding nn.Linear / MaskedSparseLinear layers.
+        model: any nn.Module holding nn.Linear / transformers Conv1D / MaskedSparseLinear
+            layers, or one such layer.
         sparsity: target fraction of pruned weights, in [0, 1).
         scope: "global" or "layer".
-        include: None (every Linear), a module name or list of module names, or a callable
-            ``(name, module) -> bool`` choosing among the Linear layers.
+        include: None (every linear layer), a module name or fnmatch pattern, a list of
+            them, or a callable ``(name, module) -> bool``.
+        exclude: the same forms; these layers are left alone (e.g. ``"*lm_head"``).
+        See :mod:`torchslim._layers` for the selection rules (MultiheadAttention's
+        ``out_proj`` is never pruned; tied layers are skipped with a warning, or refused
+        when ``include`` names them).
 
     Returns:
-        ``model`` (modified in place).
+        ``model``, modified in place; when ``model`` itself is a linear layer, the new
+        MaskedSparseLinear (so always use the return value).
     """
     _check_model(model)
     sparsity = _check_fraction(sparsity, "sparsity")
     scope = _check_scope(scope)
-    layers = _select_linears(model, include)
+    layers = select_layers(model, include, exclude, purpose="prune")
     _check_finite_weights(layers)
     layers = _convert(model, layers)
-    if scope == "global":
-        _prune_group(layers, sparsity)
-    else:
-        for item in layers:
-            _prune_group([item], sparsity)
+    _prune_layers(layers, sparsity, scope)
+    for name, layer in layers:
+        if name == "":
+            return layer
     return model
 
 
@@ -253,11 +279,14 @@ class GradualPruner:
     ``end_step`` on. Whenever the target changes the masks are recomputed with
     :func:`magnitude_prune` (never reviving a weight). The selected layers are converted to
     ``MaskedSparseLinear`` when the pruner is built (and pruned to ``s_i`` if
-    ``start_step == 0``).
+    ``start_step == 0``); build the optimizer after the pruner (a Conv1D gets a new,
+    transposed weight Parameter). ``include`` / ``exclude`` select the layers as in
+    :func:`magnitude_prune`; ``model`` must be convertible in place (not a bare nn.Linear).
     """
 
     def __init__(self, model: nn.Module, final_sparsity: float, start_step: int, end_step: int,
-                 frequency: int = 1, initial_sparsity: float = 0.0, scope: str = "global", include=None):
+                 frequency: int = 1, initial_sparsity: float = 0.0, scope: str = "global", include=None,
+                 exclude=None):
         _check_model(model)
         self.final_sparsity = _check_fraction(final_sparsity, "final_sparsity")
         self.initial_sparsity = _check_fraction(initial_sparsity, "initial_sparsity")
@@ -271,12 +300,13 @@ class GradualPruner:
         self.frequency = _check_int(frequency, "frequency", 1)
         self.scope = _check_scope(scope)
         self.include = include
+        self.exclude = exclude
         self.model = model
-        layers = _select_linears(model, include)
+        layers = select_layers(model, include, exclude, purpose="prune")
+        _refuse_bare_root(model, layers, "GradualPruner")
         _check_finite_weights(layers)
-        _convert(model, layers)
-        # After conversion the layers are selected by identity (names may shift under wrappers).
-        self._layer_ids = {id(m) for _, m in _select_linears(model, include)}
+        # After conversion the layers are found by identity (names may shift under wrappers).
+        self._layer_ids = {id(m) for _, m in _convert(model, layers)}
         self.step_count = 0
         self._applied = None
         self._apply()
@@ -300,8 +330,9 @@ class GradualPruner:
     def _apply(self) -> None:
         target = self.sparsity
         if target != self._applied:
-            include = lambda name, module: id(module) in self._layer_ids  # noqa: E731
-            magnitude_prune(self.model, target, scope=self.scope, include=include)
+            layers = [(n, m) for n, m in self.model.named_modules() if id(m) in self._layer_ids]
+            _check_finite_weights(layers)
+            _prune_layers(layers, target, self.scope)
             self._applied = target
 
     def step(self) -> float:
@@ -320,11 +351,15 @@ class GradualPruner:
 
 
 def iterative_prune(model: nn.Module, sparsities: Sequence[float], train_fn: Callable[[nn.Module], object],
-                    scope: str = "global", include=None) -> list:
+                    scope: str = "global", include=None, exclude=None) -> list:
     """Han et al. (2015) prune -> retrain loop: for each sparsity (non-decreasing), prune with
-    :func:`magnitude_prune`, then call ``train_fn(model)`` (which fine-tunes the surviving
-    weights; masked weights get zero gradient). Returns the list of ``train_fn`` results."""
+    :func:`magnitude_prune` (same ``scope`` / ``include`` / ``exclude``), then call
+    ``train_fn(model)`` (which fine-tunes the surviving weights; masked weights get zero
+    gradient). ``model`` is pruned in place, so it must not be a bare nn.Linear. Returns the
+    list of ``train_fn`` results."""
     _check_model(model)
+    if is_linear_like(model):
+        _refuse_bare_root(model, [("", model)], "iterative_prune")
     if not callable(train_fn):
         raise TypeError(f"train_fn must be callable(model), got {type(train_fn).__name__}")
     values = [_check_fraction(s, f"sparsities[{i}]") for i, s in enumerate(sparsities)]
@@ -335,26 +370,34 @@ def iterative_prune(model: nn.Module, sparsities: Sequence[float], train_fn: Cal
             raise ValueError(f"sparsities must be non-decreasing, got {values[i - 1]} then {values[i]} at index {i}")
     results = []
     for s in values:
-        magnitude_prune(model, s, scope=scope, include=include)
+        magnitude_prune(model, s, scope=scope, include=include, exclude=exclude)
         results.append(train_fn(model))
     return results
 
 
-def l1_penalty(model: nn.Module, include=None) -> torch.Tensor:
-    """Differentiable ``sum |w|`` over the (kept) weights of the model's Linear layers
-    (dense ``nn.Linear`` and ``MaskedSparseLinear``; masked weights do not count). Add
-    ``lam * l1_penalty(model)`` to the loss for L1 regularisation."""
+def _kept_weight(module: nn.Module) -> torch.Tensor:
+    """The weight a linear-like layer computes with (any layout: only its entries matter)."""
+    if isinstance(module, MaskedSparseLinear):
+        return module.weight * module.mask.to(module.weight.dtype)
+    pruned = torch_pruned_parts(module, "weight")
+    if pruned is not None:  # torch.nn.utils.prune: read the Parameter, not the hook's last result
+        return pruned[0] * pruned[1].to(pruned[0].dtype)
+    return module.weight
+
+
+def l1_penalty(model: nn.Module, include=None, exclude=None) -> torch.Tensor:
+    """Differentiable ``sum |w|`` over the (kept) weights of the model's linear layers
+    (``nn.Linear``, transformers ``Conv1D``, ``MaskedSparseLinear``; masked weights do not
+    count), selected by ``include`` / ``exclude`` as in :func:`magnitude_prune` (tied layers
+    are left out). Add ``lam * l1_penalty(model)`` to the loss for L1 regularisation."""
     _check_model(model)
-    layers = _select_linears(model, include)
+    layers = select_layers(model, include, exclude, purpose="penalty")
     if not layers:
-        raise ValueError("include: selected no Linear layer")
+        raise ValueError("l1_penalty: no linear layer left to penalise (every selected layer is tied or skipped)")
     device = layers[0][1].weight.device
     total = None
     for _, m in layers:
-        w = m.weight
-        if isinstance(m, MaskedSparseLinear):
-            w = w * m.mask.to(w.dtype)
-        term = w.abs().sum().to(device)
+        term = _kept_weight(m).abs().sum().to(device)
         total = term if total is None else total + term
     return total
 
@@ -427,21 +470,25 @@ class SparsityReport:
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Per Linear-like layer (nn.Linear, MaskedSparseLinear, CodebookLinear) and in total:
-    weight count, kept weights (mask entries for MaskedSparseLinear, non-zeros otherwise)
-    and sparsity."""
+    """Per linear layer (nn.Linear, transformers Conv1D, MaskedSparseLinear, CodebookLinear;
+    chosen as the workflow functions choose them, so MultiheadAttention's ``out_proj`` is
+    not listed) and in total: weight count, kept weights (mask entries for
+    MaskedSparseLinear, non-zeros otherwise, torch.nn.utils.prune masks applied) and
+    sparsity. ``shape`` is ``(out_features, in_features)`` whatever the storage layout."""
     _check_model(model)
     report = SparsityReport()
-    for name, m in model.named_modules():
+    for name, m in select_layers(model, purpose="report"):
         if isinstance(m, MaskedSparseLinear):
             kept = int(m.mask.sum().item())
             shape = tuple(m.mask.shape)
-        elif isinstance(m, nn.Linear) or type(m).__name__ == "CodebookLinear":
+        elif is_linear_like(m):
+            kept = int((_kept_weight(m).detach() != 0).sum().item())
+            _, _, in_f, out_f = linear_parts(m)
+            shape = (out_f, in_f)
+        else:  # CodebookLinear
             w = m.weight.detach()
             kept = int((w != 0).sum().item())
             shape = tuple(w.shape)
-        else:
-            continue
         weights = int(math.prod(shape))
         report.layers.append(LayerSparsity(name or "(model)", type(m).__name__, shape, weights, kept))
     return report

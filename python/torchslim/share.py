@@ -1,7 +1,7 @@
 """Weight sharing (Deep Compression, stage 2): k-means codebooks for the linear layers.
 
-``cluster_weights`` turns every nn.Linear / MaskedSparseLinear of a model into a
-``CodebookLinear``; ``sharing_report`` tells, per layer, how many clusters and bits each
+``cluster_weights`` turns every nn.Linear / transformers Conv1D / MaskedSparseLinear of a
+model into a ``CodebookLinear`` (layers chosen by ``torchslim._layers.select_layers``); ``sharing_report`` tells, per layer, how many clusters and bits each
 layer uses, its size before and after, and its reconstruction error. Fine-tuning the
 centroids afterwards is ordinary training: the codebooks are the trainable Parameters.
 """
@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from torchslim._layers import is_conv1d, select_layers, torch_pruned_parts
 from torchslim.kmeans import INITS, kmeans_1d
 from torchslim.nn.codebook_linear import CodebookLinear, _check_num_clusters, _dense_parts
 from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
@@ -21,43 +22,37 @@ SCOPES = ("layer", "global")
 __all__ = ["cluster_weights", "sharing_report", "SharingReport", "LayerSharing"]
 
 
-def _convertible(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, MaskedSparseLinear))
-
-
-def _targets(model: nn.Module, include) -> list[tuple[str, nn.Module]]:
-    named = dict(model.named_modules())
-    # nn.MultiheadAttention reads out_proj.weight directly instead of calling the layer.
-    skip = {f"{name}.out_proj" if name else "out_proj"
-            for name, m in named.items() if isinstance(m, nn.MultiheadAttention)}
-    if include is None:
-        found = [(n, m) for n, m in named.items() if _convertible(m) and n not in skip]
-        if not found:
-            raise ValueError(
-                f"model ({type(model).__name__}) has no nn.Linear or MaskedSparseLinear layer to cluster")
-        return found
-    if isinstance(include, str):
-        include = [include]
-    include = list(include)
-    if not include:
-        raise ValueError("include is empty: name at least one layer, or pass include=None for all")
-    found = []
-    for n in include:
-        if not isinstance(n, str):
-            raise TypeError(f"include must hold module names (str), got {type(n).__name__}")
-        if n not in named:
-            linear_names = [k for k, m in named.items() if _convertible(m)]
-            raise ValueError(f"include names {n!r}, which is not a module of the model; "
-                             f"its linear layers are {linear_names}")
-        if not _convertible(named[n]):
-            raise ValueError(f"include names {n!r}, a {type(named[n]).__name__}; "
-                             "only nn.Linear and MaskedSparseLinear layers can be clustered")
-        if n in skip:
-            raise ValueError(f"include names {n!r}, the output projection of an nn.MultiheadAttention, "
-                             "which reads its weight directly and cannot be replaced")
-        if all(n != f for f, _ in found):
-            found.append((n, named[n]))
-    return found
+def _linear_equivalent(name: str, module: nn.Module) -> tuple[nn.Module, torch.Tensor | None]:
+    """(a layer CodebookLinear.from_dense reads, extra mask or None) computing what ``module``
+    computes: nn.Linear / MaskedSparseLinear as they are; a transformers Conv1D as an
+    nn.Linear holding its weight transposed to [out, in]; a layer pruned with
+    torch.nn.utils.prune as an nn.Linear holding ``weight_orig * weight_mask``, with that
+    mask (its pruned zeros stay zero, as a MaskedSparseLinear's do)."""
+    if isinstance(module, MaskedSparseLinear):
+        return module, None
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise ValueError(f"cluster_weights: layer {name!r} ({type(module).__name__}) is parametrized with "
+                         "torch.nn.utils.parametrize (its weight is computed on every call) and cannot be taken over; call torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                         "'weight') first")
+    pruned = torch_pruned_parts(module, "weight")
+    bias_pruned = torch_pruned_parts(module, "bias")
+    if pruned is None and bias_pruned is None and not is_conv1d(module):
+        return module, None
+    with torch.no_grad():
+        weight = pruned[0] * pruned[1].to(pruned[0].dtype) if pruned is not None else module.weight
+        mask = pruned[1] != 0 if pruned is not None else None
+        bias = bias_pruned[0] * bias_pruned[1].to(bias_pruned[0].dtype) if bias_pruned is not None else module.bias
+        if is_conv1d(module):
+            weight = weight.t()
+            mask = mask.t() if mask is not None else None
+        out_f, in_f = weight.shape
+        # skip_init: no random initialisation (it would move the user's RNG), overwritten below
+        linear = torch.nn.utils.skip_init(nn.Linear, in_f, out_f, bias=bias is not None, device=weight.device,
+                                          dtype=weight.dtype)
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear, mask
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -67,7 +62,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def cluster_weights(model: nn.Module, num_clusters: int = 16, scope: str = "layer", init: str = "linear",
-                    include=None, seed: int = 0, max_iter: int = 300) -> nn.Module:
+                    include=None, seed: int = 0, max_iter: int = 300, exclude=None) -> nn.Module:
     """Replace the linear layers of ``model`` by CodebookLinear layers, IN PLACE, and return
     ``model`` (like ``torchslim.prune.magnitude_prune``; deepcopy first to keep the
     original). When ``model`` itself is a single linear layer it cannot be replaced in place:
@@ -82,9 +77,17 @@ def cluster_weights(model: nn.Module, num_clusters: int = 16, scope: str = "laye
       must then share one dtype and device.
     - ``init``: "linear" (Deep Compression's best), "density", "kmeans++", "random";
       ``seed`` fixes the random ones; ``max_iter`` bounds the Lloyd steps (torchslim.kmeans).
-    - ``include``: module names (as in ``model.named_modules()``) to convert; default every
-      nn.Linear and MaskedSparseLinear (except an nn.MultiheadAttention's ``out_proj``).
-      Layers already converted are left alone.
+    - ``include`` / ``exclude``: which layers to convert, as in
+      ``torchslim.prune.magnitude_prune`` (None, a module name or fnmatch pattern such as
+      ``"*lm_head"``, a list of them, or a callable ``(name, module) -> bool``; rules in
+      ``torchslim._layers``); default every nn.Linear, transformers Conv1D and
+      MaskedSparseLinear, except an nn.MultiheadAttention's ``out_proj`` and tied layers
+      (skipped with a warning; refused when ``include`` names them). Layers already
+      converted are left alone. A Conv1D becomes a CodebookLinear with the weight ``[out,
+      in]``; a layer pruned with torch.nn.utils.prune keeps its mask (zero-pinned).
+    - Layers without weights (``in_features == 0`` or ``out_features == 0``) are left as
+      they are, with a warning: there is nothing to cluster, and the layer computes
+      ``bias`` (or an empty output) as it is.
 
     Pruning is read from masks only: a MaskedSparseLinear's pruned positions (mask False)
     stay exactly zero (they index a zero-pinned codebook[0] == 0.0 that gets no gradient)
@@ -93,8 +96,8 @@ def cluster_weights(model: nn.Module, num_clusters: int = 16, scope: str = "laye
     (make the layer a MaskedSparseLinear first to keep them). Under ``scope="global"`` one
     pruned layer makes the shared codebook zero-pinned for all layers.
 
-    Raises ValueError for a bad num_clusters, scope, init or include name, and for a model
-    without linear layers.
+    Raises ValueError for a bad num_clusters, scope, init, include or exclude, and for a
+    model without linear layers.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -103,11 +106,16 @@ def cluster_weights(model: nn.Module, num_clusters: int = 16, scope: str = "laye
         raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
     if init not in INITS:
         raise ValueError(f"init must be one of {', '.join(repr(i) for i in INITS)}, got {init!r}")
-    targets = _targets(model, include)
+    targets = select_layers(model, include, exclude, purpose="cluster")
+    if not targets:  # every selected layer was skipped (tied, or without weights): warned already
+        return model
 
     if scope == "layer":
-        converted = [(name, CodebookLinear.from_dense(m, num_clusters, init=init, seed=seed, max_iter=max_iter))
-                     for name, m in targets]
+        converted = []
+        for name, m in targets:
+            linear, mask = _linear_equivalent(name, m)
+            converted.append((name, CodebookLinear.from_dense(linear, num_clusters, init=init, mask=mask, seed=seed,
+                                                              max_iter=max_iter)))
     else:
         converted = _cluster_global(targets, num_clusters, init, seed, max_iter)
 
@@ -119,7 +127,8 @@ def cluster_weights(model: nn.Module, num_clusters: int = 16, scope: str = "laye
 
 
 def _cluster_global(targets, num_clusters, init, seed, max_iter):
-    parts = [(name, m, *_dense_parts(m, None)) for name, m in targets]
+    parts = [(name, linear, *_dense_parts(linear, mask)) for name, (linear, mask)
+             in ((n, _linear_equivalent(n, m)) for n, m in targets)]
     kinds = {(w.dtype, w.device) for _, _, w, _, _ in parts}
     if len(kinds) > 1:
         raise ValueError("scope='global' shares one codebook Parameter, so the layers must have one dtype and "
