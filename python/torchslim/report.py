@@ -2,10 +2,7 @@
 model in one record."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -128,7 +125,7 @@ def report(model: nn.Module, example_input: torch.Tensor, eval_fn: Callable[[nn.
     """Measure a model: parameter counts, dense fp32 size, the size of the file
     ``torchslim.save`` writes, median latency at batch 1 and 256 (rows of ``example_input``
     repeated to fill the batch), and ``eval_fn(model)`` when given."""
-    from torchslim.io import save
+    from torchslim.io import saved_size
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"report expects an nn.Module, got {type(model).__name__}")
@@ -136,13 +133,7 @@ def report(model: nn.Module, example_input: torch.Tensor, eval_fn: Callable[[nn.
         raise TypeError(f"example_input must be a torch.Tensor, got {type(example_input).__name__}")
     total, nonzero = count_parameters(model)
     bytes_dense = 4 * total
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-    os.close(fd)
-    try:
-        save(model, tmp, codec=codec)
-        bytes_compressed = Path(tmp).stat().st_size
-    finally:
-        os.unlink(tmp)
+    bytes_compressed = saved_size(model, codec=codec)
     latency = measure_latency(model, example_input, batch_sizes, min_run_time) if measure_latency_ else {}
     accuracy = None
     if eval_fn is not None:
