@@ -1,0 +1,348 @@
+"""Inference-only layer forms made by ``torchslim.deploy`` (or ``load(..., deploy=True)``).
+
+A deployed layer holds only its compressed data, as buffers (no Parameters, no dense
+weight): ``torch.compile`` reads them as graph inputs, ``state_dict`` / ``.to(device)`` work,
+and nothing can train them by accident. For training use ``torchslim.to_sparse`` (or the
+MaskedSparseLinear / CodebookLinear modules themselves).
+
+- ``DeployedSparseLinear``: packed kept values + CSR structure (``row_ptr``, ``col_idx``),
+  run by the sparse kernel ``torch.ops.torchslim._masked_spmm``.
+- ``DeployedDenseLinear``: the dense fallback, for layers too dense for the sparse kernel to
+  be faster (density > ``SPARSE_MAX_DENSITY`` = 0.4, the batch > 1 rule of
+  MaskedSparseLinear): it holds the masked dense weight, as ``nn.Linear`` would.
+- ``DeployedCodebookLinear``: cluster indices (4-bit packed for <= 16 clusters) + codebook,
+  run by the codebook kernel.
+- ``DeployedSequential``: an ``nn.Sequential`` whose runs of float32 / float64
+  DeployedSparseLinear layers (with ReLU, Identity, Dropout between them) run as one fused
+  ``_sparse_mlp`` call on the CPU, as ``SparseSequential`` does for training-capable layers.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from torchslim.nn.masked_sparse_linear import SPARSE_MAX_DENSITY
+from torchslim.ops import codebook_linear
+from torchslim.ops._reference import unpack_int4
+
+__all__ = ["DeployedSparseLinear", "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSequential",
+           "DeployedLayerError", "DEPLOYED_TYPES"]
+
+_spmm = torch.ops.torchslim._masked_spmm.default
+_sparse_mlp = torch.ops.torchslim._sparse_mlp.default
+_grad_enabled = torch.is_grad_enabled
+
+
+class DeployedLayerError(RuntimeError):
+    """Raised when a deployed (inference-only) layer is asked for gradients or a weight."""
+
+
+def _refuse(layer, what: str):
+    return DeployedLayerError(
+        f"{type(layer).__name__} is an inference-only deployed layer (it holds only compressed data, as buffers): "
+        f"{what}. For training or fine-tuning use torchslim.to_sparse(model) or the model before deploy().")
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _index_dtype(extent: int) -> torch.dtype:
+    return torch.int16 if extent <= 32767 else torch.int32
+
+
+class _Deployed(nn.Module):
+    """Common behaviour: no gradients, no ``weight``, ``to_dense`` for export."""
+
+    in_features: int
+    out_features: int
+
+    @property
+    def weight(self):
+        raise _refuse(self, "it has no dense .weight (use .to_dense().weight to decode one)")
+
+    def requires_grad_(self, requires_grad: bool = True):
+        if requires_grad:
+            raise _refuse(self, "requires_grad_() is not supported")
+        return self
+
+    def _check_input(self, input) -> None:
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"{type(self).__name__}: input must be a torch.Tensor, got {type(input).__name__}")
+        if _grad_enabled():
+            if input.requires_grad:
+                raise _refuse(self, "it was called on an input that requires grad (gradients are not supported; "
+                                    "wrap the call in torch.inference_mode() or torch.no_grad(), or detach the input)")
+            for name, t in self._buffers.items():
+                if t is not None and t.requires_grad:
+                    raise _refuse(self, f"its buffer {name!r} requires grad")
+        if input.dim() < 1 or input.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input.shape[-1] must be in_features = {self.in_features}, "
+                             f"got input of shape {tuple(input.shape)}")
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` computing the same function (a decoded dense weight)."""
+        w = self._dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(w.clone())
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+
+class DeployedSparseLinear(_Deployed):
+    """``y = x @ W.T + b`` with W held as CSR: ``values`` [nnz] (float32; float64 for a float64
+    layer), ``row_ptr`` int32 [out + 1], ``col_idx`` [nnz] (int16 when in_features <= 32767,
+    else int32), ``bias`` [out] in the layer's dtype. Inputs of the layer's dtype (``dtype``)."""
+
+    def __init__(self, in_features: int, out_features: int, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                 values: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.dtype = int(in_features), int(out_features), dtype
+        if tuple(row_ptr.shape) != (self.out_features + 1,) or row_ptr.dtype != torch.int32:
+            raise ValueError(f"row_ptr must be int32 of shape ({self.out_features + 1},), got {row_ptr.dtype} "
+                             f"of shape {tuple(row_ptr.shape)}")
+        if col_idx.dim() != 1 or col_idx.dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"col_idx must be a 1-D int16/int32 tensor, got {col_idx.dtype} of shape {tuple(col_idx.shape)}")
+        if tuple(values.shape) != tuple(col_idx.shape) or values.dtype != _acc_dtype(dtype):
+            raise ValueError(f"values must be {_acc_dtype(dtype)} of shape {tuple(col_idx.shape)}, got {values.dtype} "
+                             f"of shape {tuple(values.shape)}")
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("values", values)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_masked(cls, layer) -> "DeployedSparseLinear":
+        """From a MaskedSparseLinear: its cached structure and packed values, copied."""
+        with torch.no_grad(), torch.inference_mode(False):
+            st, values = layer._sparse_data()
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+            return cls(layer.in_features, layer.out_features, st.row_ptr.clone(), st.col_idx.clone(),
+                       values.detach().clone(), bias, layer.weight.dtype)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_idx.shape[0])
+
+    @property
+    def density(self) -> float:
+        n = self.in_features * self.out_features
+        return self.nnz / n if n else 0.0
+
+    def _dense_weight(self) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=self.row_ptr.device),
+                                       self.row_ptr.diff().long())
+        w = torch.zeros(self.out_features, self.in_features, dtype=self.dtype, device=self.values.device)
+        w[rows, self.col_idx.long()] = self.values.to(self.dtype)
+        return w
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        return _spmm(input, self.values, self.row_ptr, self.col_idx, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"density={self.density:.4f}, dtype={self.dtype}")
+
+
+class DeployedDenseLinear(_Deployed):
+    """The dense fallback of a deployed layer: ``F.linear(x, dense_weight, bias)``, for layers
+    whose density exceeds ``SPARSE_MAX_DENSITY`` (the sparse kernel would be slower there).
+    ``dense_weight`` is the masked (or decoded) weight [out, in], a buffer."""
+
+    def __init__(self, dense_weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        if dense_weight.dim() != 2:
+            raise ValueError(f"dense_weight must be 2-D [out, in], got shape {tuple(dense_weight.shape)}")
+        self.out_features, self.in_features = (int(s) for s in dense_weight.shape)
+        self.register_buffer("dense_weight", dense_weight)
+        self.register_buffer("bias", bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.dense_weight.dtype
+
+    def _dense_weight(self) -> torch.Tensor:
+        return self.dense_weight.detach()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        return F.linear(input, self.dense_weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class DeployedCodebookLinear(_Deployed):
+    """``y = x @ codebook[indices].T + b``: ``indices`` uint8 (4-bit packed
+    [out, ceil(in/2)] when num_clusters <= 16, else [out, in]), ``codebook`` [num_clusters]
+    the values the layer computes with (for a zero_pinned layer codebook[0] is 0.0)."""
+
+    def __init__(self, in_features: int, out_features: int, indices: torch.Tensor, codebook: torch.Tensor,
+                 bias: torch.Tensor | None, zero_pinned: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.num_clusters, self.zero_pinned = int(codebook.numel()), bool(zero_pinned)
+        cols = (self.in_features + 1) // 2 if self.num_clusters <= 16 else self.in_features
+        if indices.dtype != torch.uint8 or tuple(indices.shape) != (self.out_features, cols):
+            raise ValueError(f"indices must be uint8 of shape {(self.out_features, cols)}, got {indices.dtype} "
+                             f"of shape {tuple(indices.shape)}")
+        self.register_buffer("indices", indices)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_codebook(cls, layer) -> "DeployedCodebookLinear":
+        with torch.no_grad(), torch.inference_mode(False):
+            bias = None if layer.bias is None else layer.bias.detach().clone()
+            return cls(layer.in_features, layer.out_features, layer.indices.detach().clone(),
+                       layer.effective_codebook().detach().clone(), bias, layer.zero_pinned)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codebook.dtype
+
+    def labels(self) -> torch.Tensor:
+        return unpack_int4(self.indices, self.in_features) if self.num_clusters <= 16 else self.indices
+
+    def _dense_weight(self) -> torch.Tensor:
+        return self.codebook.detach()[self.labels().long()]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        return codebook_linear(input, self.indices, self.codebook, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"K={self.num_clusters}, zero_pinned={self.zero_pinned}")
+
+
+DEPLOYED_TYPES = (DeployedSparseLinear, DeployedDenseLinear, DeployedCodebookLinear)
+
+
+def deployed_sparse(in_features, out_features, row_ptr, col_idx, values, bias, dtype) -> nn.Module:
+    """The deployed form of a sparse layer: DeployedSparseLinear, or DeployedDenseLinear when
+    its density exceeds SPARSE_MAX_DENSITY (there the sparse kernel is slower)."""
+    n = in_features * out_features
+    if n and col_idx.shape[0] / n > SPARSE_MAX_DENSITY:
+        layer = DeployedSparseLinear(in_features, out_features, row_ptr, col_idx, values, None, dtype)
+        return DeployedDenseLinear(layer._dense_weight(), bias)
+    return DeployedSparseLinear(in_features, out_features, row_ptr, col_idx, values, bias, dtype)
+
+
+# ----------------------------------------------------------------------------- fused runs
+
+def _noop(m) -> bool:
+    return type(m) is nn.Identity or type(m) is nn.Dropout
+
+
+class DeployedSequential(nn.Sequential):
+    """``nn.Sequential`` of deployed layers whose runs of CPU float32 / float64
+    DeployedSparseLinear layers (each followed by at most one ``nn.ReLU``; ``nn.Identity`` and
+    ``nn.Dropout`` anywhere, as a deployed model is inference-only) run as one fused
+    ``_sparse_mlp`` call. The run's concatenated arrays are built once (the layers' buffers
+    become views into them, so nothing is held twice) and kept as non-persistent buffers;
+    other children, and inputs on other devices, run as ``nn.Sequential`` does."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._runs: list[tuple[int, int, int]] = []  # (start, stop, out_features)
+        self._build_runs()
+
+    def _build_runs(self) -> None:
+        children = list(self._modules.values())
+        runs, i, n = [], 0, len(children)
+        while i < n:
+            start, layers, relu = i, [], []
+            while i < n and self._fusable(children[i], layers):
+                layers.append(children[i])
+                relu.append(False)
+                i += 1
+                while i < n and (_noop(children[i]) or (type(children[i]) is nn.ReLU and not relu[-1])):
+                    relu[-1] |= type(children[i]) is nn.ReLU
+                    i += 1
+            if layers:
+                runs.append((start, i, layers, relu))
+            else:
+                i += 1
+        self._runs = []
+        for r, (start, stop, layers, relu) in enumerate(runs):
+            self._pack(r, layers, relu)
+            self._runs.append((start, stop, layers[-1].out_features))
+
+    @staticmethod
+    def _fusable(m, previous) -> bool:
+        if type(m) is not DeployedSparseLinear or m.dtype not in (torch.float32, torch.float64):
+            return False
+        if m.values.device.type != "cpu":
+            return False
+        return not previous or (m.dtype == previous[0].dtype and m.in_features == previous[-1].out_features)
+
+    def _pack(self, r: int, layers, relu) -> None:
+        index_dtype = torch.int16 if all(m.in_features <= 32767 for m in layers) else torch.int32
+        plan, rp_off, nnz_off, bias_off = [], 0, 0, 0
+        for m, act in zip(layers, relu):
+            plan.append([m.in_features, m.out_features, rp_off, nnz_off, -1 if m.bias is None else bias_off, int(act)])
+            rp_off += m.out_features + 1
+            nnz_off += m.nnz
+            bias_off += 0 if m.bias is None else m.out_features
+        with torch.no_grad(), torch.inference_mode(False):
+            values = torch.cat([m.values for m in layers])
+            row_ptr = torch.cat([m.row_ptr for m in layers])
+            col_idx = torch.cat([m.col_idx.to(index_dtype) for m in layers])
+            biases = [m.bias for m in layers if m.bias is not None]
+            bias = torch.cat(biases) if biases else torch.empty(0, dtype=layers[0].dtype)
+            rp = nz = b = 0
+            for m in layers:  # the layers read views of the run's arrays: stored once
+                m.values = values[nz:nz + m.nnz]
+                m.col_idx = col_idx[nz:nz + m.nnz]
+                m.row_ptr = row_ptr[rp:rp + m.out_features + 1]
+                nz += m.nnz
+                rp += m.out_features + 1
+                if m.bias is not None:
+                    m.bias = bias[b:b + m.out_features]
+                    b += m.out_features
+        for name, t in (("plan", torch.tensor(plan, dtype=torch.int64)), ("values", values), ("row_ptr", row_ptr),
+                        ("col_idx", col_idx), ("bias", bias)):
+            self.register_buffer(f"_run{r}_{name}", t, persistent=False)
+
+    def forward(self, input):
+        runs = self._runs
+        if not runs or not isinstance(input, torch.Tensor) or input.device.type != "cpu" or (
+                _grad_enabled() and input.requires_grad):
+            return super().forward(input)
+        children = list(self._modules.values())
+        x, i = input, 0
+        for r, (start, stop, out_features) in enumerate(runs):
+            for m in children[i:start]:
+                x = m(x)
+            first = children[start]
+            b = self._buffers
+            values = b[f"_run{r}_values"]
+            if (isinstance(x, torch.Tensor) and x.dtype == first.dtype and x.dim() > 0
+                    and x.shape[-1] == first.in_features and values.device.type == "cpu"):
+                x = _sparse_mlp(x, b[f"_run{r}_plan"], values, b[f"_run{r}_row_ptr"], b[f"_run{r}_col_idx"],
+                                b[f"_run{r}_bias"], out_features)
+            else:  # the per-layer path (which also raises the clear errors)
+                for m in children[start:stop]:
+                    x = m(x)
+            i = stop
+        for m in children[i:]:
+            x = m(x)
+        return x
+
+
+def fuse_sequential(seq: nn.Sequential) -> nn.Sequential:
+    """A DeployedSequential with the children of ``seq`` when it holds a deployed sparse
+    layer (plain ``nn.Sequential`` or SparseSequential only), else ``seq`` itself."""
+    from torchslim.nn.sparse_sequential import SparseSequential
+
+    if type(seq) in (nn.Sequential, SparseSequential) and any(type(m) is DeployedSparseLinear for m in seq.children()):
+        out = DeployedSequential(OrderedDict(seq._modules.items()))
+        out.train(seq.training)
+        return out
+    return seq
