@@ -37,6 +37,7 @@ _LAZY = {
     "load": ("torchslim.io", "load"),
     "to_dense": ("torchslim.io", "to_dense"),
     "to_sparse": ("torchslim.io", "to_sparse"),
+    "deploy": ("torchslim.convert", "deploy"),
 }
 
 

@@ -3,5 +3,8 @@ from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
 from torchslim.nn.codebook_linear import CodebookLinear
 from torchslim.nn.kd_loss import KDLoss
 from torchslim.nn.sparse_sequential import SparseSequential
+from torchslim.nn.deployed import (DeployedCodebookLinear, DeployedDenseLinear, DeployedSequential,
+                                   DeployedSparseLinear)
 
-__all__ = ["MaskedSparseLinear", "CodebookLinear", "KDLoss", "SparseSequential"]
+__all__ = ["MaskedSparseLinear", "CodebookLinear", "KDLoss", "SparseSequential", "DeployedSparseLinear",
+           "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSequential"]
