@@ -158,6 +158,26 @@ def test_biases_are_not_pruned():
         assert torch.equal(m.bias, b)
 
 
+def test_existing_zeros_count_as_pruned():
+    model = mlp()
+    with torch.no_grad():
+        model[0].weight[:, :3] = 0  # 60 of 240 weights already zero
+    magnitude_prune(model, 0.0)
+    assert (model[0].mask == (model[0].weight != 0)).all() and model[0].density == pytest.approx(0.75)
+    assert model[2].density == 1.0
+    # they count towards k: 20% per layer is already reached by the zeros
+    magnitude_prune(model, 0.2, scope="layer")
+    assert int((~model[0].mask).sum()) == 60 and int((~model[2].mask).sum()) == 64
+
+
+def test_include_and_exclude_patterns():
+    model = nn.Sequential(mlp(), mlp(1))
+    magnitude_prune(model, 0.5, include="*.0", exclude="1.*")
+    assert [n for n, m in linears(model) if isinstance(m, MaskedSparseLinear)] == ["0.0"]
+    with pytest.raises(ValueError, match=r"exclude: the model has no module named '9'"):
+        magnitude_prune(model, 0.5, exclude="9")
+
+
 def test_include_by_names_string_and_callable():
     model = mlp()
     magnitude_prune(model, 0.5, include=["0", "4"])

@@ -87,3 +87,29 @@ def test_report_module_and_function_both_work():
     assert report_module.CompressionReport is torchslim.CompressionReport
     r = report_module.report(_model(), torch.randn(2, 20), measure_latency_=False)
     assert r.latency_ms == {}
+
+
+def test_report_on_pruned_gpt2_counts_conv1d_and_tied_weights_once():
+    transformers = pytest.importorskip("transformers")
+    from torchslim.io import saved_size
+    from torchslim.prune import magnitude_prune, sparsity_report
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    total = sum(p.numel() for p in model.parameters())  # the tied wte / lm_head weight once
+    with pytest.warns(UserWarning, match="'lm_head' left unchanged"):
+        magnitude_prune(model, 0.8)
+    masked = [m for m in model.modules() if isinstance(m, MaskedSparseLinear)]
+    assert len(masked) == 8  # every Conv1D
+    pruned_ids = {id(m.weight) for m in masked}
+    nonzero = sum(int(m.mask.sum()) for m in masked)
+    nonzero += sum(int((p != 0).sum()) for p in model.parameters() if id(p) not in pruned_ids)
+    sp = sparsity_report(model)
+    assert sp["transformer.h.0.mlp.c_fc"].shape == (4 * 32, 32) and sp["lm_head"].sparsity == 0.0
+    ids = torch.randint(0, 64, (2, 5))
+    r = torchslim.report(model, ids, measure_latency_=False)
+    assert r.params_total == total and r.params_nonzero == nonzero
+    assert r.bytes_dense == 4 * total
+    assert r.bytes_compressed == saved_size(model)

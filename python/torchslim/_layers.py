@@ -41,6 +41,7 @@ __all__ = ["is_conv1d", "is_linear_like", "linear_parts", "torch_pruned_parts", 
 
 PURPOSES = ("prune", "cluster", "penalty", "report")
 _VERBS = {"prune": "prune", "cluster": "cluster", "penalty": "penalise", "report": "report"}
+_DONE = {"prune": "pruned", "cluster": "clustered", "penalty": "penalised", "report": "reported"}
 _LIST_FIRST = 10  # error messages list this many layer names, then the count
 
 
@@ -184,7 +185,7 @@ def _resolve(specs, arg: str, candidates, aliases, by_name, out_proj_ids, purpos
                     continue  # e.g. a CodebookLinear under cluster_weights: left alone anyway
                 if _torchslim_kind(m) == "codebook":
                     raise ValueError(f"{arg} names {spec!r}, which is already a CodebookLinear; only nn.Linear, "
-                                     f"transformers Conv1D and MaskedSparseLinear layers can be {_VERBS[purpose]}d")
+                                     f"transformers Conv1D and MaskedSparseLinear layers can be {_DONE[purpose]}")
                 raise ValueError(f"{arg} names {spec!r}, a {type(m).__name__}, not a linear layer (nn.Linear, "
                                  "transformers Conv1D or MaskedSparseLinear); the model's linear layers are "
                                  f"{_name_list(candidates)}")
