@@ -176,8 +176,8 @@ def test_pruned_and_shared_layer_stored_sparse(tmp_path, cb_cls):
     layer = make_codebook_layer(cb_cls, 784, 300, 16, zero_pinned=True, density=0.08)
     size = torchslim.save(nn.Sequential(layer), tmp_path / "m")
     dense_fp32 = 4 * 784 * 300
-    header = json.loads(torchslim.io._parse_safetensors((tmp_path / "m").read_bytes(), "m")[0]["torchslim"])
-    assert header["model"]["children"][0][1]["enc"] == "sparse"
+    header = _file_header(tmp_path / "m")
+    assert header["layers"]["0"]["enc"] == "sparse"
     # 8% kept: position (~5 bits entropy) + 4-bit code each, vs 32 bits per dense weight
     assert dense_fp32 / size > 35
     loaded = torchslim.load(tmp_path / "m")
@@ -194,8 +194,9 @@ def test_global_codebook_stored_once_and_shared(tmp_path, cb_cls):
     assert loaded[0].codebook is loaded[2][0].codebook
     assert isinstance(loaded[0].codebook, nn.Parameter)
     assert len(list(loaded.parameters())) == 3  # one codebook + two biases
-    header = json.loads(tio._parse_safetensors(path.read_bytes(), "m")[0]["torchslim"])
+    header = _file_header(path)
     assert list(header["codebooks"]) == ["cb0"]
+    assert [k for k in header["tensors"] if "codebook" in k] == ["__ts__/codebook/cb0"]
     assert_same_outputs(model, loaded, torch.randn(3, 20))
 
 
@@ -232,13 +233,22 @@ def test_float64_model(tmp_path):
     assert_same_outputs(model, loaded, torch.randn(3, 5, dtype=torch.float64))
 
 
-def test_unsupported_module_raises_typeerror(tmp_path):
-    class Custom(nn.Module):
-        def forward(self, x):
-            return x
+class _Custom(nn.Module):
+    def forward(self, x):
+        return x * 2
 
-    with pytest.raises(TypeError, match="Custom"):
-        torchslim.save(nn.Sequential(nn.Linear(2, 2), Custom()), tmp_path / "m")
+
+def test_any_module_saves_but_needs_a_skeleton(tmp_path):
+    # A module outside the Sequential whitelist: saved (manifest + state_dict), but the file
+    # carries no architecture, so load() alone refuses and load(model=) works.
+    model = nn.Sequential(masked_layer(6, 4, 0.5), _Custom())
+    torchslim.save(model, tmp_path / "m")
+    assert _file_header(tmp_path / "m")["arch"] is None
+    with pytest.raises(ValueError, match="model="):
+        torchslim.load(tmp_path / "m")
+    loaded = torchslim.load(tmp_path / "m", model=nn.Sequential(nn.Linear(6, 4), _Custom()))
+    assert isinstance(loaded[0], MaskedSparseLinear)
+    assert_same_outputs(model, loaded, torch.randn(3, 6))
     with pytest.raises(ValueError, match="codec"):
         torchslim.save(nn.Linear(2, 2), tmp_path / "m", codec="brotli")
 
@@ -286,10 +296,43 @@ def _model_bytes(cb_cls=None):
     return tio.save_to_bytes(nn.Sequential(*layers), codec="none")
 
 
+def _file_header(path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["torchslim"])
+
+
 def _split(data: bytes):
     (hlen,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + hlen])
     return header, data[8 + hlen:]
+
+
+def _sign(header: dict) -> dict:
+    """Recompute the header checksum (a mutation that keeps the checksums consistent, so
+    that the field checks behind them are what is tested)."""
+    import zlib
+    text = header["__metadata__"].get("torchslim")
+    if text is not None:
+        header["__metadata__"]["torchslim_crc32"] = str(zlib.crc32(text.encode()) & 0xFFFFFFFF)
+    return header
+
+
+def _resave(data: bytes, mutate_meta=None, mutate_tensors=None) -> bytes:
+    """Re-serialise a file after editing its header and/or tensors, with every checksum and
+    the tensor table recomputed (a self-consistent hostile file)."""
+    from safetensors.torch import load as st_load, save as st_save
+    header, _ = _split(data)
+    meta = json.loads(header["__metadata__"]["torchslim"])
+    tensors = st_load(data)
+    if mutate_tensors is not None:
+        mutate_tensors(tensors)
+    if mutate_meta is not None:
+        mutate_meta(meta)
+    meta["tensors"] = {n: [str(t.dtype).removeprefix("torch."), list(t.shape), tio._tensor_crc(t)] for n, t in tensors.items()}
+    text = json.dumps(meta)
+    import zlib
+    return st_save(tensors, metadata={"torchslim": text, "torchslim_crc32": str(zlib.crc32(text.encode()) & 0xFFFFFFFF)})
 
 
 def _join(header: dict, body: bytes) -> bytes:
@@ -303,7 +346,7 @@ def _with_meta(data: bytes, mutate) -> bytes:
     meta = json.loads(header["__metadata__"]["torchslim"])
     mutate(meta)
     header["__metadata__"]["torchslim"] = json.dumps(meta)
-    return _join(header, body)
+    return _join(_sign(header), body)
 
 
 def _load_raises(data: bytes, match: str | None = None):
@@ -352,25 +395,34 @@ def test_bad_json_and_unknown_types():
     data = _model_bytes()
     header, body = _split(data)
     header["__metadata__"]["torchslim"] = "{not json"
-    _load_raises(_join(header, body), "corrupt architecture header")
+    _load_raises(_join(header, body), "checksum")  # unsigned edit: the checksum catches it
+    _load_raises(_join(_sign(header), body), "corrupt header")
     header["__metadata__"]["torchslim"] = json.dumps({"format": "other"})
-    _load_raises(_join(header, body), "not a torchslim file")
+    _load_raises(_join(_sign(header), body), "not a torchslim file")
     _load_raises(_with_meta(data, lambda m: m.update(version=99)), "version")
 
     def unknown(m):
-        m["model"]["children"][1][1]["type"] = "os.system"
+        m["arch"]["children"][1][1]["type"] = "os.system"
     _load_raises(_with_meta(data, unknown), "unknown layer type")
 
+    def unknown_layer(m):
+        m["layers"]["0"]["type"] = "os.system"
+    _load_raises(_with_meta(data, unknown_layer), "unknown layer type")
+
     def extra_field(m):
-        m["model"]["children"][2][1]["evil"] = 1
+        m["arch"]["children"][2][1]["evil"] = 1
     _load_raises(_with_meta(data, extra_field), "fields")
+
+    def extra_layer_field(m):
+        m["layers"]["0"]["evil"] = 1
+    _load_raises(_with_meta(data, extra_layer_field), "fields")
     header["__metadata__"]["torchslim"] = "[" * 100_000 + "]" * 100_000  # nesting bomb
-    _load_raises(_join(header, body), "corrupt architecture header")
+    _load_raises(_join(_sign(header), body), "corrupt header")
     del header["__metadata__"]
     _load_raises(_join(header, body), "not a torchslim file")
     _load_raises(b"\x00" * 64)
     bomb = b"[" * 100_000
-    _load_raises(struct.pack("<Q", len(bomb)) + bomb, "corrupt safetensors header")
+    _load_raises(struct.pack("<Q", len(bomb)) + bomb, "corrupt safetensors container")
     _load_raises(struct.pack("<Q", 1 << 62) + b"{}")
 
 
@@ -378,54 +430,44 @@ def test_oversize_shapes_raise_without_allocating():
     data = _model_bytes()
 
     def huge_linear(m):
-        m["model"]["children"][2][1].update({"in": 1 << 30, "out": 1 << 30})
+        m["arch"]["children"][2][1].update({"in": 1 << 30, "out": 1 << 30})
     _load_raises(_with_meta(data, huge_linear), "limit|shape")
 
     def huge_sparse(m):  # masked layers may legitimately hold few values: the cap must bite
-        m["model"]["children"][0][1].update({"in": 1 << 31})
+        m["layers"]["0"].update({"in": (1 << 31) - 1})
     _load_raises(_with_meta(data, huge_sparse), "elements|limit")
 
     def wrong_width(m):
-        m["model"]["children"][2][1]["in"] = 31
+        m["arch"]["children"][2][1]["in"] = 31
     _load_raises(_with_meta(data, wrong_width), "shape")
 
     def huge_bn(m):
-        m["model"]["children"][3][1]["num_features"] = 1 << 31
+        m["arch"]["children"][3][1]["num_features"] = 1 << 31
     _load_raises(_with_meta(data, huge_bn))
 
     def bad_nnz(m):
-        m["model"]["children"][0][1]["nnz"] += 1
+        m["layers"]["0"]["nnz"] += 1
     _load_raises(_with_meta(data, bad_nnz), "shape|nnz")
 
     # the safetensors container itself declaring a huge tensor
     header, body = _split(data)
     name = next(k for k in header if k != "__metadata__" and header[k]["dtype"] == "F32")
     header[name]["shape"] = [1 << 20, 1 << 20]
-    _load_raises(_join(header, body), "declares shape")
+    _load_raises(_join(header, body), "corrupt safetensors container")
 
 
 def test_out_of_range_indices_raise(cb_cls):
-    # codebook index >= k in a dense 64-cluster layer
-    shared = nn.Parameter(torch.randn(20))
+    # codebook index >= k in a dense 64-cluster layer (a self-consistent file: checksums redone)
     layer = make_codebook_layer(cb_cls, 6, 3, 64)
     data = tio.save_to_bytes(nn.Sequential(layer), codec="none")
 
     def shrink_k(m):
-        m["model"]["children"][0][1]["k"] = 20
+        m["layers"]["0"]["k"] = 20
         m["codebooks"]["cb0"]["k"] = 20
-    header, body = _split(_with_meta(data, shrink_k))
-    # keep the container consistent: replace the 64-entry codebook by 20 entries (still one byte per index)
-    cb_name = "codebook/cb0"
-    start, end = header[cb_name]["data_offsets"]
-    new_cb = shared.detach().numpy().astype(np.float32).tobytes()
-    shift = len(new_cb) - (end - start)
-    body = body[:start] + new_cb + body[end:]
-    header[cb_name]["shape"] = [20]
-    header[cb_name]["data_offsets"] = [start, start + len(new_cb)]
-    for k, v in header.items():
-        if k != "__metadata__" and v["data_offsets"][0] >= end:
-            v["data_offsets"] = [v["data_offsets"][0] + shift, v["data_offsets"][1] + shift]
-    _load_raises(_join(header, body), "out of range")
+
+    def shrink_cb(t):
+        t["__ts__/codebook/cb0"] = torch.randn(20)
+    _load_raises(_resave(data, shrink_k, shrink_cb), "out of range")
 
     # column index past in_features in a sparse layer: a row whose gaps overflow
     lin = nn.Linear(10, 2)
@@ -434,7 +476,7 @@ def test_out_of_range_indices_raise(cb_cls):
     data = tio.save_to_bytes(nn.Sequential(MaskedSparseLinear.from_dense(lin, mask=mask)), codec="none")
 
     def narrow(m):
-        m["model"]["children"][0][1]["in"] = 9
+        m["layers"]["0"]["in"] = 9
     _load_raises(_with_meta(data, narrow), "shape|out of range")
 
 
@@ -477,3 +519,277 @@ def test_to_sparse_equivalence(cb_cls):
         torch.testing.assert_close(sparse(x), model(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError):
         tio.to_sparse("model")
+
+
+# --------------------------------------------------------------------------------------
+# format integrity (checksums, dtypes, RNG, names)
+# --------------------------------------------------------------------------------------
+
+def test_checksum_catches_a_flipped_float_byte():
+    data = _model_bytes()
+    header, body = _split(data)
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    start, _ = header[name]["data_offsets"]
+    bad = bytearray(data)
+    bad[len(data) - len(body) + start] ^= 0x01  # lowest mantissa bit: a valid, different float
+    _load_raises(bytes(bad), "checksum")
+
+
+def test_tensor_table_must_match_the_container():
+    data = _model_bytes()
+
+    def drop(m):
+        m["tensors"]["0.bias"] = ["float32", [30], 0]  # claimed, not present
+
+    def fake_table(t):
+        pass
+    bad = _resave(data, mutate_tensors=fake_table)
+    tio.load_bytes(bad)  # a faithful re-save loads
+    header, body = _split(bad)
+    meta = json.loads(header["__metadata__"]["torchslim"])
+    drop(meta)
+    header["__metadata__"]["torchslim"] = json.dumps(meta)
+    _load_raises(_join(_sign(header), body), "differ")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_batchnorm_and_every_plain_tensor_keep_their_dtype(tmp_path, dtype):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), MaskedSparseLinear.from_dense(nn.Linear(5, 3)))
+    model.train()
+    model(torch.randn(8, 6))
+    model = model.to(dtype).eval()
+    loaded, _ = roundtrip(model, tmp_path)
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b), k
+    x = torch.randn(4, 6, dtype=dtype)
+    if dtype == torch.float64:
+        assert_same_outputs(model, loaded, x)
+
+
+def test_load_consumes_no_random_numbers(tmp_path, cb_cls):
+    model = nn.Sequential(masked_layer(20, 10, 0.3), nn.ReLU(), make_codebook_layer(cb_cls, 10, 4, 16),
+                          make_codebook_layer(cb_cls, 4, 3, 8, zero_pinned=True, density=0.5))
+    torchslim.save(model, tmp_path / "m")
+    skeleton = nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 4), nn.Linear(4, 3))
+    state = torch.random.get_rng_state()
+    torchslim.load(tmp_path / "m")
+    torchslim.load(tmp_path / "m", deploy=True)
+    torchslim.load(tmp_path / "m", model=skeleton)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_child_names_must_match_fully():
+    data = _model_bytes()
+
+    def newline(m):
+        m["arch"]["children"][1][0] = "1\n"
+    _load_raises(_with_meta(data, newline), "invalid or duplicate child")
+
+
+# --------------------------------------------------------------------------------------
+# any nn.Module: manifest, ties, skeletons, strictness
+# --------------------------------------------------------------------------------------
+
+class _Tiny(nn.Module):
+    """Embedding + a body + a head tied to the embedding + a non-persistent buffer."""
+
+    def __init__(self, vocab=20, hidden=12, ffn=24):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, hidden)
+        self.body = nn.ModuleDict({"up": nn.Linear(hidden, ffn), "down": nn.Linear(ffn, hidden)})
+        self.norm = nn.LayerNorm(hidden)
+        self.head = nn.Linear(hidden, vocab, bias=False)
+        self.head.weight = self.emb.weight
+        self.register_buffer("scale", torch.full((hidden,), 0.5), persistent=False)
+
+    def forward(self, ids):
+        h = self.emb(ids) * self.scale
+        h = h + self.body["down"](torch.relu(self.body["up"](h)))
+        return self.head(self.norm(h))
+
+
+def _tiny_pruned(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = _Tiny(**kw)
+    m.body["up"] = masked_layer(m.body["up"].in_features, m.body["up"].out_features, 0.3, seed=seed)
+    m.body["down"] = masked_layer(m.body["down"].in_features, m.body["down"].out_features, 0.2, seed=seed + 1)
+    return m.eval()
+
+
+def test_any_module_roundtrip_ties_and_meta_skeleton(tmp_path):
+    model = _tiny_pruned()
+    torchslim.save(model, tmp_path / "m")
+    header = _file_header(tmp_path / "m")
+    assert header["ties"] == {"head.weight": "emb.weight"} and "scale" in header["extra"]
+    assert sorted(header["layers"]) == ["body.down", "body.up"] and header["arch"] is None
+    ids = torch.randint(0, 20, (3, 5))
+    for skeleton in (_Tiny(), None):
+        if skeleton is None:
+            with torch.device("meta"):
+                skeleton = _Tiny()
+        loaded = torchslim.load(tmp_path / "m", model=skeleton)
+        assert loaded is skeleton and not loaded.training
+        assert isinstance(loaded.body["up"], MaskedSparseLinear)
+        assert loaded.head.weight is loaded.emb.weight  # re-tied
+        assert not any(t.is_meta for t in list(loaded.parameters()) + list(loaded.buffers()))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_skeleton_mismatches_give_one_error_listing_them(tmp_path):
+    torchslim.save(_tiny_pruned(), tmp_path / "m")
+    with pytest.raises(ValueError, match=r"problem\(s\).*shape mismatch") as exc:
+        torchslim.load(tmp_path / "m", model=_Tiny(hidden=16))
+    assert "emb.weight" in str(exc.value) and "norm.weight" in str(exc.value)  # several listed in one error
+    missing = _Tiny()
+    del missing.body["down"]
+    with pytest.raises(ValueError, match="body.down.*names no module"):
+        torchslim.load(tmp_path / "m", model=missing)
+    extra = _Tiny()
+    extra.more = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="unexpected|missing key 'more.weight'"):
+        torchslim.load(tmp_path / "m", model=extra)
+    with pytest.raises(ValueError, match="dtype"):
+        torchslim.load(tmp_path / "m", model=_Tiny().double())
+    with pytest.raises(TypeError, match="model"):
+        torchslim.load(tmp_path / "m", model="not a module")
+
+
+def test_many_problems_are_counted(tmp_path):
+    model = nn.Sequential(*[nn.Linear(3, 3) for _ in range(15)])
+    torchslim.save(model, tmp_path / "m")
+    with pytest.raises(ValueError, match=r"30 problem\(s\).*and 20 more"):
+        torchslim.load(tmp_path / "m", model=nn.Sequential(*[nn.Linear(4, 4) for _ in range(15)]))
+
+
+def _tiny_bytes():
+    return tio.save_to_bytes(_tiny_pruned(), codec="none")
+
+
+def test_hostile_manifest_entries():
+    data = _tiny_bytes()
+    load = lambda bad, match: _raises_into(bad, match)  # noqa: E731
+
+    def unknown_path(m):
+        m["layers"]["body.sideways"] = m["layers"].pop("body.up")
+    load(_with_meta(data, unknown_path), "names no module")
+
+    def non_linear(m):
+        m["layers"]["norm"] = m["layers"].pop("body.up")
+    load(_with_meta(data, non_linear), "LayerNorm, not a linear layer")
+
+    def bad_path(m):
+        m["layers"]["body.up\n"] = m["layers"].pop("body.up")
+    load(_with_meta(data, bad_path), "names no module")
+
+    def wrong_types(m):
+        m["layers"]["body.up"]["in"] = "12"
+    load(_with_meta(data, wrong_types), "shape mismatch|invalid")
+
+    def wrong_kind(m):
+        m["layers"]["body.up"]["type"] = ["MaskedSparseLinear"]
+    load(_with_meta(data, wrong_kind), "unknown layer type")
+
+    def not_a_node(m):
+        m["layers"]["body.up"] = 7
+    load(_with_meta(data, not_a_node), "not a layer node")
+
+    def from_conv1d(m):
+        m["layers"]["body.up"]["from"] = "Conv1D"
+    load(_with_meta(data, from_conv1d), "Conv1D")
+
+    def layers_not_dict(m):
+        m["layers"] = []
+    load(_with_meta(data, layers_not_dict), "wrong field types")
+
+    # a duplicated manifest path (JSON objects keep the last duplicate silently: refused)
+    header, body = _split(data)
+    text = header["__metadata__"]["torchslim"]
+    entry = json.dumps(json.loads(text)["layers"]["body.up"])
+    dup = text.replace('"layers":{', '"layers":{"body.up":' + entry + ",", 1)
+    assert dup != text
+    header["__metadata__"]["torchslim"] = dup
+    load(_join(_sign(header), body), "duplicate key")
+
+
+def _raises_into(bad: bytes, match: str):
+    with pytest.raises(ValueError, match=match):
+        tio.load_bytes(bad, model=_Tiny())
+
+
+def test_max_numel_is_caller_raisable():
+    lin = nn.Linear(6000, 3000, bias=False)
+    mask = torch.zeros(3000, 6000, dtype=torch.bool)
+    mask[::500, ::700] = True
+    data = tio.save_to_bytes(nn.Sequential(MaskedSparseLinear.from_dense(lin, mask=mask)))
+    assert len(data) < 10_000
+    _load_raises(data, "max_numel")
+    loaded = tio.load_bytes(data, max_numel=1 << 25)
+    assert torch.equal(loaded[0].mask, mask)
+    deployed = tio.load_bytes(data, deploy=True)  # no dense weight: within the default budget
+    assert deployed[0].nnz == int(mask.sum())
+
+
+# --------------------------------------------------------------------------------------
+# deploy
+# --------------------------------------------------------------------------------------
+
+def _mlp(cb_cls):
+    torch.manual_seed(7)
+    return nn.Sequential(masked_layer(64, 48, 0.1, seed=1), nn.ReLU(), masked_layer(48, 40, 0.2, seed=2), nn.ReLU(),
+                         nn.Dropout(0.1), masked_layer(40, 30, 0.7, seed=3), nn.Tanh(),
+                         make_codebook_layer(cb_cls, 30, 20, 16, seed=4),
+                         make_codebook_layer(cb_cls, 20, 10, 16, zero_pinned=True, density=0.3, seed=5)).eval()
+
+
+def test_deploy_matches_and_holds_only_compressed_data(tmp_path, cb_cls):
+    from torchslim.nn import (DeployedCodebookLinear, DeployedDenseLinear, DeployedSequential,
+                              DeployedSparseLinear)
+    model = _mlp(cb_cls)
+    x = torch.randn(5, 64)
+    for dep in (torchslim.deploy(model), torchslim.load(*roundtrip(model, tmp_path)[1:], deploy=True)):
+        assert isinstance(dep, DeployedSequential) and not dep.training
+        assert [type(m) for m in dep] == [DeployedSparseLinear, nn.ReLU, DeployedSparseLinear, nn.ReLU, nn.Dropout,
+                                          DeployedDenseLinear, nn.Tanh, DeployedCodebookLinear, DeployedSparseLinear]
+        assert len(list(dep.parameters())) == 0
+        assert dep._runs[0][:2] == (0, 5)  # layers 0 and 2 (with their ReLUs, the Dropout) fused
+        with torch.inference_mode():
+            torch.testing.assert_close(dep(x), model(x), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(dep[:4](x), model[:4](x), rtol=1e-5, atol=1e-6)
+    assert isinstance(model[0], MaskedSparseLinear)  # the input is untouched
+    # the sparse layers hold nnz values, not a dense [out, in] weight
+    assert dep[0].values.numel() == int(model[0].mask.sum())
+
+
+def test_deployed_layers_refuse_gradients(cb_cls):
+    dep = torchslim.deploy(_mlp(cb_cls))
+    layer = dep[0]
+    with pytest.raises(RuntimeError, match="inference-only.*to_sparse"):
+        layer.weight
+    with pytest.raises(RuntimeError, match="inference-only"):
+        layer.requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        dep[7].requires_grad_(True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        dep(torch.randn(2, 64, requires_grad=True))
+    layer.values.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="'values' requires grad"):
+        layer(torch.randn(2, 64))
+    with pytest.raises(ValueError, match="in_features"):
+        dep[7](torch.randn(2, 31))
+
+
+def test_deploy_under_inference_mode_and_compile(cb_cls):
+    model = _mlp(cb_cls)
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        dep = torchslim.deploy(model)
+        ref = model(x)
+        torch.testing.assert_close(dep(x), ref, rtol=1e-5, atol=1e-6)
+        again = tio.load_bytes(tio.save_to_bytes(dep))
+        torch.testing.assert_close(again(x), dep(x), rtol=0, atol=0)
+    compiled = torch.compile(dep, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-6)

@@ -556,7 +556,7 @@ DECODERS = {"MaskedSparseLinear": _dec_sparse, "DeployedSparseLinear": _dec_spar
 
 
 def decode_layer(reader: Reader, path: str, node, deploy: bool) -> nn.Module:
-    if not isinstance(node, dict) or node.get("type") not in DECODERS:
+    if not isinstance(node, dict) or not isinstance(node.get("type"), str) or node["type"] not in DECODERS:
         kind = node.get("type") if isinstance(node, dict) else type(node).__name__
         raise reader.err(path, f"unknown layer type {str(kind)[:64]!r}")
     with torch.no_grad():
