@@ -425,6 +425,9 @@ def test_gpt2_mlp_conv1d_pruned_outputs_match_masked_reference():
             conv.weight.mul_(layer.mask.t())
     x = torch.randn(3, 5, 32, dtype=torch.float64)
     torch.testing.assert_close(mlp(x), ref(x))
+    x = torch.randn(5, 3, 32, dtype=torch.float64).transpose(0, 1)  # non-contiguous (Conv1D itself needs .view)
+    torch.testing.assert_close(mlp(x), ref(x.contiguous()))
+    assert mlp(torch.randn(0, 5, 32, dtype=torch.float64)).shape == (0, 5, 32)  # empty batch
     # sparsity_report and l1_penalty read Conv1D as [out, in]
     fresh = GPT2MLP(64, gpt2_config())
     report = sparsity_report(fresh)
@@ -467,8 +470,9 @@ def test_gpt2_conv1d_clustered_matches_decoded_reference(scope):
         with torch.no_grad():
             conv.weight.copy_(layer.weight.t())
             conv.bias.copy_(layer.bias)
-    x = torch.randn(2, 4, 32, dtype=torch.float64)
-    torch.testing.assert_close(mlp(x), ref(x))
+    x = torch.randn(4, 2, 32, dtype=torch.float64).transpose(0, 1)  # 3-D, non-contiguous
+    torch.testing.assert_close(mlp(x), ref(x.contiguous()))
+    assert mlp(torch.randn(0, 4, 32, dtype=torch.float64)).shape == (0, 4, 32)
     root = cluster_weights(ref.c_fc, num_clusters=4)  # a bare Conv1D: the new layer is returned
     assert isinstance(root, CodebookLinear) and (root.in_features, root.out_features) == (32, 64)
 
