@@ -16,9 +16,11 @@ class CompressionReport:
 
     ``params_total`` / ``params_nonzero``: parameters of the model's dense equivalent
     (``torchslim.to_dense``: masked weights and codebook indices expanded back to full
-    weight matrices) and how many of them are non-zero. ``bytes_dense``: fp32 size of those
+    weight matrices; a transformers ``Conv1D`` counts as the linear layer it is; a Parameter
+    shared by several modules, e.g. a tied embedding / output head, counts once) and how
+    many of them are non-zero. ``bytes_dense``: fp32 size of those
     parameters (4 * params_total). ``bytes_compressed``: size of the file ``torchslim.save``
-    writes for the model (measured by writing it). ``compression_ratio`` = bytes_dense /
+    writes for the model (``torchslim.io.saved_size``: any nn.Module). ``compression_ratio`` = bytes_dense /
     bytes_compressed. ``latency_ms``: median forward time per batch size ({1: ms, 256: ms}).
     ``accuracy``: ``eval_fn(model)`` or None.
     """
