@@ -183,30 +183,71 @@ def test_gradients_match_reference(device, batch, k, packed):
     torch.testing.assert_close(b.grad.double(), br.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [3, 40])
-def test_cpu_codebook_gradient_is_deterministic_across_thread_counts(batch):
-    """Per-block partial histograms of fixed size, summed in block order: bit-equal results."""
-    x, ind, cb, b, _ = sample_inputs("cpu", torch.float32, (batch,), 200, 150, 256, requires_grad=True)
-    gy = torch.randn(batch, 150)
+def test_cpu_codebook_gradient_is_deterministic_across_thread_counts(batch, dtype):
+    """Per-block partial histograms of fixed size, summed in block order: bit-equal results
+    on 1, 2, 3 and 4 threads, in deterministic mode. 150 rows are 10 blocks of 16, split
+    across the threads (at::parallel_for, grain 1 block); batch 3 runs the fused kernel, batch
+    40 the tiled one. float64 keeps the rounding of the sums visible: a reduction whose
+    order followed the thread count would differ in the last bits."""
+    x, ind, cb, b, idx = sample_inputs("cpu", dtype, (batch,), 200, 150, 256, requires_grad=True)
+    gy = torch.randn(batch, 150, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
     grads = []
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        for n in (1, 2, 1):
+        torch.use_deterministic_algorithms(True)
+        for n in (1, 2, 3, 4, 1):
             torch.set_num_threads(n)
+            assert torch.get_num_threads() == n
             cb.grad = None
             codebook_linear(x, ind, cb, b).backward(gy)
             grads.append(cb.grad.clone())
     finally:
         torch.set_num_threads(threads)
-    assert all(torch.equal(grads[0], g) for g in grads[1:])
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    for n, g in zip((2, 3, 4, 1), grads[1:]):
+        assert torch.equal(grads[0], g), f"codebook gradient on {n} threads differs from 1 thread"
+    cr = cb.detach().double().requires_grad_()
+    _ref(x.detach(), idx, cr, b.detach()).backward(gy.double())
+    torch.testing.assert_close(grads[0].double(), cr.grad, **_tol(dtype))  # equal, and right
+
+
+# (requires grad: input, codebook, bias); the indices never do (uint8 cannot)
+GRAD_SETS = [(True, False, False), (False, True, False), (False, False, True), (True, True, False),
+             (False, True, True), (True, True, True)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_indices_get_no_gradient_and_only_requested_grads(device):
-    x, ind, cb, b, _ = sample_inputs(device, torch.float32, (3,), 10, 5, 16, True)
-    cb.requires_grad_()
-    codebook_linear(x, ind, cb, b).sum().backward()
-    assert cb.grad is not None and x.grad is None and ind.grad is None
+@pytest.mark.parametrize("want", GRAD_SETS)
+def test_indices_get_no_gradient_and_only_requested_grads(device, want, ops_ran):
+    """Gradients reach exactly the tensors that require them, with the reference's values,
+    and a backward kernel runs only for a gradient that was asked for; the indices are data:
+    uint8 cannot require grad and a floating "indices" tensor is refused."""
+    x, ind, cb, b, idx = sample_inputs(device, torch.float64, (3, 2), 10, 5, 16, True)
+    leaves = (x, cb, b)
+    for t, w in zip(leaves, want):
+        t.requires_grad_(w)
+    y = codebook_linear(x, ind, cb, b)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(device)
+    ran = ops_ran(lambda: y.backward(gy))
+    assert ("torchslim::codebook_linear_grad_input" in ran) == want[0], ran
+    assert ("torchslim::codebook_linear_grad_codebook" in ran) == want[1], ran
+    refs = [t.detach().clone().requires_grad_(w) for t, w in zip(leaves, want)]
+    _ref(refs[0], idx, refs[1], refs[2]).backward(gy)
+    for name, t, r, w in zip(("input", "codebook", "bias"), leaves, refs, want):
+        if w:
+            assert t.grad is not None, name
+            torch.testing.assert_close(t.grad, r.grad, rtol=1e-10, atol=1e-10, msg=name)
+        else:
+            assert t.grad is None, f"{name} got a gradient it did not ask for"
+    assert not ind.requires_grad and ind.grad is None
+    with pytest.raises(RuntimeError, match="floating point"):
+        ind.requires_grad_()
+    with pytest.raises(TypeError, match="indices"):
+        codebook_linear(x, ind.double().requires_grad_(), cb, b)
 
 
 @pytest.mark.parametrize("device", DEVICES)

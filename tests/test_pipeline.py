@@ -20,19 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGE_KEYS = {"name", "accuracy", "params", "nonzeros", "bytes", "compression_ratio", "latency_b1_ms", "latency_b256_ms"}
 
 
-def _have_compression() -> bool:
-    try:
-        import torchslim.prune  # noqa: F401
-        import torchslim.share  # noqa: F401
-        torchslim.nn.CodebookLinear(4, 2, num_clusters=4)
-        return True
-    except (ImportError, NotImplementedError):
-        return False
-
-
-needs_compression = pytest.mark.skipif(not _have_compression(), reason="pruning / weight sharing not available")
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     n = torch.get_num_threads()
@@ -82,7 +69,6 @@ def test_dense_and_student_only(tmp_path, capsys):
     assert "| dense |" in printed and "| student |" in printed
 
 
-@needs_compression
 def test_full_pipeline_tiny(tmp_path):
     out = tmp_path / "o"
     rc = main(["run", "--epochs", "3", "--prune-epochs", "2", "--share-epochs", "1", "--sparsity", "0.8", "--bits", "3",
@@ -103,7 +89,6 @@ def test_full_pipeline_tiny(tmp_path):
     assert any(type(m).__name__ == "CodebookLinear" for m in loaded.modules())
 
 
-@needs_compression
 def test_global_codebook_npz_data(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 12)).astype(np.float32)
