@@ -109,8 +109,8 @@ def test_select_layers_selection_errors():
     # exclude is just as strict: a typo there would compress the layer meant to be protected
     with pytest.raises(ValueError, match=r"exclude: the model has no module named 'lm_haed'"):
         select_layers(Net(), exclude="lm_haed")
-    with pytest.raises(ValueError, match=r"exclude: the pattern '\*classifier' matches none"):
-        select_layers(Net(), exclude="*classifier")
+    # an exclude pattern may match nothing (one list for several architectures); a name may not
+    assert names(select_layers(Net(), exclude=["*classifier", "*lm_head"])) == ALL[:-1]
     with pytest.raises(ValueError, match="exclude removed every selected layer"):
         select_layers(Net(), include="lm_head", exclude="lm_head")
     with pytest.raises(TypeError, match="include must be None, a module name"):
@@ -563,5 +563,7 @@ def test_bert_exclude_classifier_and_attention_pattern():
     torch.testing.assert_close(model(ids).logits, ref(ids).logits)
     names_ = names(select_layers(ref, include="bert.encoder.*.attention.self.*"))
     assert names_ == [f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "key", "value")]
-    with pytest.raises(ValueError, match=re.escape("exclude: the pattern '*lm_head' matches none")):
-        magnitude_prune(ref, 0.5, exclude="*lm_head")
+    with pytest.raises(ValueError, match=re.escape("include: the pattern '*lm_head' matches none")):
+        magnitude_prune(ref, 0.5, include="*lm_head")
+    with pytest.raises(ValueError, match=re.escape("exclude: the model has no module named 'lm_head'")):
+        magnitude_prune(ref, 0.5, exclude="lm_head")

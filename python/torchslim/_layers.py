@@ -15,9 +15,11 @@ Layer selection
 - ``include`` / ``exclude``: None, a module name, an fnmatch pattern (``"*lm_head"``,
   ``"encoder.*.attention.*"``), a list of names / patterns, or a callable
   ``(name, module) -> bool``. A name or pattern is matched against every name under which a
-  module is registered. A name that is not a module of the model, a module that is not a
-  linear layer, or a pattern that matches no linear layer raises ValueError (in ``exclude``
-  too: a typo there would silently compress the layer meant to be protected).
+  module is registered. A name that is not a module of the model or a module that is not a
+  linear layer raises ValueError, in ``exclude`` too (a typo there would silently compress
+  the layer meant to be protected); so does an ``include`` pattern that matches no linear
+  layer. An ``exclude`` pattern may match nothing, so that one list such as
+  ``["*lm_head", "*classifier"]`` serves several architectures.
 - ``nn.MultiheadAttention``'s ``out_proj`` is never selected (the attention reads its
   ``weight`` directly, so replacing the layer would be ignored); naming it raises.
 - Tied weights (a Parameter held by several modules, e.g. GPT-2's ``lm_head.weight`` is
@@ -195,7 +197,7 @@ def _resolve(specs, arg: str, candidates, aliases, by_name, out_proj_ids, purpos
             raise ValueError(f"{arg}: the model has no module named {spec!r}; its linear layers are "
                              f"{_name_list(candidates)}")
         hits = {id(m) for _, m in candidates if any(fnmatch.fnmatchcase(a, spec) for a in aliases[id(m)])}
-        if not hits:
+        if not hits and arg == "include":  # exclude patterns may be generic ("*lm_head" for any model)
             raise ValueError(f"{arg}: the pattern {spec!r} matches none of the model's linear layers, which are "
                              f"{_name_list(candidates)}")
         chosen |= hits
