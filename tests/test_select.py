@@ -567,3 +567,31 @@ def test_bert_exclude_classifier_and_attention_pattern():
         magnitude_prune(ref, 0.5, include="*lm_head")
     with pytest.raises(ValueError, match=re.escape("exclude: the model has no module named 'lm_head'")):
         magnitude_prune(ref, 0.5, exclude="lm_head")
+
+
+def test_gpt2_pruned_state_dict_round_trip_into_a_fresh_model():
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+
+    torch.manual_seed(0)
+    mlp = magnitude_prune(GPT2MLP(64, gpt2_config()).eval(), 0.7)
+    state = mlp.state_dict()
+    assert tuple(state["c_fc.weight"].shape) == (64, 32)  # stored [out, in] once converted
+    fresh = GPT2MLP(64, gpt2_config()).eval()
+    magnitude_prune(fresh, 0.0)  # convert the same layers, then the loaded masks replace its own
+    fresh.load_state_dict(state)
+    assert (fresh.c_fc.mask == mlp.c_fc.mask).all() and fresh.c_fc.density == pytest.approx(0.3, abs=0.05)
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(fresh(x), mlp(x), rtol=0, atol=0)
+
+
+def test_gpt2_whole_model_clustered_leaves_tied_head_and_embedding():
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(gpt2_config()).eval()
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.warns(UserWarning, match="cluster: layer 'lm_head' left unchanged: its weight is tied"):
+        cluster_weights(model, num_clusters=16, scope="global")
+    layers = [m for m in model.modules() if isinstance(m, CodebookLinear)]
+    assert len(layers) == 8 and len({id(m.codebook) for m in layers}) == 1 and conv1d_names(model) == []
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.transformer.wte.weight
+    torch.testing.assert_close(model.transformer.wte.weight.detach(), wte, rtol=0, atol=0)
+    assert torch.isfinite(model(torch.randint(0, 64, (2, 5))).logits).all()
