@@ -62,7 +62,8 @@ def test_fit_errors():
 
 def _teacher(x, y):
     teacher = _mlp(10, 64, 4, 1)
-    fit(teacher, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True), epochs=15, lr=1e-2, progress=False)
+    fit(teacher, DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(1)),
+        epochs=15, lr=1e-2, progress=False)
     return teacher
 
 
@@ -79,7 +80,7 @@ def test_distill_lowers_kd_loss_and_keeps_teacher_frozen():
     teacher.train()
     modes = []
     teacher.register_forward_pre_hook(lambda m, inp: modes.append(m.training))
-    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True)
+    loader = DataLoader(TensorDataset(x, y), batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(2))
     hist = distill(student, teacher, loader, epochs=25, lr=2e-2, temperature=4.0, alpha=0.9, progress=False)
     assert hist[-1] < hist[0]
     with torch.no_grad():
@@ -133,19 +134,30 @@ def test_cache_needs_indices():
 
 
 def test_distill_beats_no_teacher_on_small_data():
-    # Few labelled samples, a strong teacher trained on many: the student learns more
-    # from the teacher's soft targets than from the 64 hard labels alone.
+    # Few labelled samples, a strong teacher trained on many: the student learns more from
+    # the teacher's soft targets than from the 64 hard labels alone. Everything is seeded,
+    # and the claim is checked on three draws (labelled subset, initial weights, batch
+    # order), each shared by both runs, so it does not rest on one lucky shuffle: without
+    # the teacher's term (alpha=0) distill trains exactly the plain network and ties.
     x_big, y_big = _toy(n=2000, seed=7)
     teacher = _mlp(10, 64, 4, 1)
-    fit(teacher, DataLoader(TensorDataset(x_big, y_big), batch_size=100, shuffle=True), epochs=20, lr=1e-2, progress=False)
-    x_small, y_small = x_big[:64], y_big[:64]
+    fit(teacher, DataLoader(TensorDataset(x_big, y_big), batch_size=100, shuffle=True,
+                            generator=torch.Generator().manual_seed(1)), epochs=20, lr=1e-2, progress=False)
     x_test, y_test = x_big[1000:], y_big[1000:]
-    loader = DataLoader(TensorDataset(x_small, y_small), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(0))
-    plain = _mlp(10, 16, 4, 4)
-    fit(plain, loader, epochs=40, lr=1e-2, progress=False)
-    student = _mlp(10, 16, 4, 4)
-    distill(student, teacher, loader, epochs=40, lr=1e-2, temperature=4.0, alpha=0.9, progress=False)
-    assert accuracy(student, x_test, y_test) > accuracy(plain, x_test, y_test)
+    gains = []
+    for seed in range(3):
+        pick = torch.randperm(1000, generator=torch.Generator().manual_seed(100 + seed))[:64]
+        small = TensorDataset(x_big[pick], y_big[pick])
+
+        def loader():  # the same batch order for both runs
+            return DataLoader(small, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        plain = _mlp(10, 16, 4, 10 + seed)
+        fit(plain, loader(), epochs=40, lr=1e-2, progress=False)
+        student = _mlp(10, 16, 4, 10 + seed)
+        distill(student, teacher, loader(), epochs=40, lr=1e-2, temperature=4.0, alpha=0.9, progress=False)
+        gains.append(accuracy(student, x_test, y_test) - accuracy(plain, x_test, y_test))
+    # measured: +0.10 to +0.17 on each draw
+    assert all(g > 0 for g in gains) and sum(gains) / len(gains) > 0.05, gains
 
 
 def test_mixup_transfer_set_runs_and_counts_teacher_calls():
