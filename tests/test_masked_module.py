@@ -145,7 +145,9 @@ def test_state_dict_round_trip_deepcopy_pickle():
     x = torch.randn(6, 48)
     want = layer(x).detach()
     sd = layer.state_dict()
-    assert set(sd) == {"weight", "bias", "mask"} and sd["mask"].dtype == torch.bool
+    # The mask is stored bit-packed: uint8 [out, ceil(in / 8)].
+    assert set(sd) == {"weight", "bias", "mask"} and sd["mask"].dtype == torch.uint8
+    assert tuple(sd["mask"].shape) == (40, 6)
     other = MaskedSparseLinear(48, 40)
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), want)

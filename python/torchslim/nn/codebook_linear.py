@@ -73,10 +73,12 @@ class CodebookLinear(nn.Module):
         self.out_features = out_features
         self.num_clusters = num_clusters
         self.zero_pinned = bool(zero_pinned)
-        self.codebook = nn.Parameter(torch.empty(num_clusters, **factory))
-        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
-        cols = (in_features + 1) // 2 if num_clusters <= PACKED_MAX_CLUSTERS else in_features
-        self.register_buffer("indices", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
+        # Ordinary tensors even inside inference_mode, so that the layer can be trained later.
+        with torch.inference_mode(False):
+            self.codebook = nn.Parameter(torch.empty(num_clusters, **factory))
+            self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+            cols = (in_features + 1) // 2 if num_clusters <= PACKED_MAX_CLUSTERS else in_features
+            self.register_buffer("indices", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
         self.reconstruction_error: float | None = None  # set by from_dense / assign_indices
 
     @classmethod
@@ -133,11 +135,13 @@ class CodebookLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Module, num_clusters: int = 16, init: str = "linear",
                    mask: torch.Tensor | None = None, seed: int = 0, max_iter: int = 300) -> "CodebookLinear":
-        """k-means the weights of ``linear`` (an nn.Linear or a MaskedSparseLinear) into
-        ``num_clusters`` shared values.
+        """k-means the weights of ``linear`` into ``num_clusters`` shared values.
 
-        With a mask (the ``mask`` argument, or the layer's own mask for a MaskedSparseLinear;
-        both given: their intersection) the layer is ``zero_pinned``: the pruned positions
+        ``linear``: an nn.Linear, a transformers ``Conv1D`` (read as the ``[out, in]`` linear
+        layer it is), a MaskedSparseLinear, or a layer pruned with ``torch.nn.utils.prune``
+        (parametrized: its ``weight_mask`` is the mask; after ``prune.remove`` it is a plain
+        layer). With a mask (the ``mask`` argument, or the layer's own mask for a
+        MaskedSparseLinear or a torch-pruned layer; both given: their intersection) the layer is ``zero_pinned``: the pruned positions
         index codebook[0] == 0.0 and stay exactly zero, and the other ``num_clusters - 1``
         centroids are fitted to the kept weights only (so ``num_clusters`` must be >= 2).
         Without a mask every weight, zeros included, is clustered into ``num_clusters``.
@@ -158,7 +162,7 @@ class CodebookLinear(nn.Module):
             centroids = kmeans_1d(kept, free, init=init, seed=seed, max_iter=max_iter, return_labels=False).centroids
         else:
             centroids = torch.zeros(free, dtype=torch.float64)
-        layer = cls._uninitialized(linear.in_features, linear.out_features, num_clusters, bias is not None,
+        layer = cls._uninitialized(weight.shape[1], weight.shape[0], num_clusters, bias is not None,
                                    pinned, weight.device, weight.dtype)
         codebook = torch.cat([torch.zeros(1, dtype=torch.float64), centroids]) if pinned else centroids
         with torch.no_grad():
@@ -214,25 +218,23 @@ class CodebookLinear(nn.Module):
 
 
 def _dense_parts(linear: nn.Module, mask):
-    """(weight, bias, mask or None) of an nn.Linear or MaskedSparseLinear."""
-    from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
+    """(weight [out, in], bias, mask or None) of a layer CodebookLinear.from_dense takes over
+    (see torchslim.nn.masked_sparse_linear.takeover_parts); masked weights are zeroed."""
+    from torchslim.nn.masked_sparse_linear import takeover_parts
 
-    if isinstance(linear, MaskedSparseLinear):
-        own = linear.mask
-    elif isinstance(linear, nn.Linear):
-        own = None
-    else:
-        raise TypeError(f"from_dense expects an nn.Linear or MaskedSparseLinear, got {type(linear).__name__}")
-    weight = linear.weight.detach()
+    try:
+        weight, bias, own = takeover_parts(linear)
+    except TypeError:
+        raise TypeError(f"from_dense expects an nn.Linear, a transformers Conv1D, a MaskedSparseLinear or a layer "
+                        f"pruned with torch.nn.utils.prune, got {type(linear).__name__}") from None
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != tuple(weight.shape):
             raise ValueError(f"mask must have shape {tuple(weight.shape)} (out_features, in_features), got {tuple(mask.shape)}")
         mask = mask.to(device=weight.device) != 0
-        own = mask if own is None else (own & mask)
-    bias = linear.bias.detach() if linear.bias is not None else None
+        own = mask if own is None else (own.to(device=weight.device) & mask)
     if own is not None:
         own = own.to(device=weight.device, dtype=torch.bool)
-        weight = weight * own.to(weight.dtype)
+        weight = torch.where(own, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
     return weight, bias, own

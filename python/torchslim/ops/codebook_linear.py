@@ -9,13 +9,15 @@ recognised by ``indices.shape[1] != input.shape[-1]``.
 Backed by ``torch.ops.torchslim.codebook_linear`` (CPU and CUDA kernels that decode the
 weights on the fly). Gradients flow to ``input`` (grad @ W, W decoded tile by tile),
 ``codebook`` (dW binned by index without forming the whole dW) and ``bias``; ``indices``
-get none.
+get none. Double backward (``create_graph=True``) is supported: the backward then runs as
+differentiable dense ops (the decoded weight and a scatter-sum).
 """
 from __future__ import annotations
 
 import torch
 
 import torchslim._extension  # noqa: F401  (loads torch.ops.torchslim)
+from torchslim.ops._reference import unpack_int4
 
 __all__ = ["codebook_linear"]
 
@@ -47,6 +49,9 @@ def _layout(input_shape, indices, codebook):
 @torch.library.register_fake("torchslim::codebook_linear")
 def _(input, indices, codebook, bias=None):
     out_features, _ = _layout(input.shape, indices, codebook)
+    torch._check(indices.device == input.device and codebook.device == input.device,
+                 lambda: f"codebook_linear: input, indices and codebook must be on one device, got {input.device}, "
+                         f"{indices.device} and {codebook.device}")
     torch._check(codebook.dtype == input.dtype,
                  lambda: f"codebook_linear: codebook dtype {codebook.dtype} differs from input dtype {input.dtype}")
     if bias is not None:
@@ -75,10 +80,21 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, indices, codebook = ctx.saved_tensors
     grad_input = grad_codebook = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.torchslim.codebook_linear_grad_input(grad, indices, codebook, ctx.in_features)
-    if ctx.needs_input_grad[2]:
-        grad_codebook = torch.ops.torchslim.codebook_linear_grad_codebook(grad, input, indices, codebook)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, e.g. a gradient penalty): the gradient ops have
+        # no derivative of their own, so the backward is written with differentiable ops.
+        labels = indices if indices.shape[1] == ctx.in_features else unpack_int4(indices, ctx.in_features)
+        labels = labels.long()
+        if ctx.needs_input_grad[0]:
+            grad_input = grad @ codebook[labels]
+        if ctx.needs_input_grad[2]:
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+            grad_codebook = torch.zeros_like(codebook).index_add(0, labels.reshape(-1), (g2.t() @ x2).reshape(-1))
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_input = torch.ops.torchslim.codebook_linear_grad_input(grad, indices, codebook, ctx.in_features)
+        if ctx.needs_input_grad[2]:
+            grad_codebook = torch.ops.torchslim.codebook_linear_grad_codebook(grad, input, indices, codebook)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
     return grad_input, None, grad_codebook, grad_bias
@@ -103,4 +119,9 @@ def codebook_linear(input: torch.Tensor, indices: torch.Tensor, codebook: torch.
         raise TypeError(f"codebook_linear: codebook must be floating point, got {codebook.dtype}")
     if input.dim() < 1:
         raise ValueError("codebook_linear: input must have at least 1 dimension, got a scalar")
+    if indices.device != input.device or codebook.device != input.device:
+        # (checked here: a meta input would otherwise dispatch to the fake kernel and return a
+        # meta tensor where nn.Linear raises)
+        raise ValueError(f"codebook_linear: input, indices and codebook must be on one device, got {input.device}, "
+                         f"{indices.device} and {codebook.device}")
     return torch.ops.torchslim.codebook_linear(input, indices, codebook, bias)

@@ -7,7 +7,8 @@ calls the structure ops (``torch.ops.torchslim._masked_*``) directly.
 
 Gradients: ``grad_input = grad @ (weight*mask)``, ``grad_weight`` is computed only at the
 kept positions (a sampled dense-dense product) and returned dense-shaped with exact zeros
-where ``mask`` is False, ``grad_bias = grad.sum(leading dims)``.
+where ``mask`` is False, ``grad_bias = grad.sum(leading dims)``. Double backward
+(``create_graph=True``) is supported: the backward then runs as differentiable dense ops.
 """
 from __future__ import annotations
 
@@ -144,10 +145,20 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     input, weight, mask = ctx.saved_tensors
     grad_input = grad_weight = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = _ops.masked_linear_grad_input(grad, weight, mask)
-    if ctx.needs_input_grad[1]:
-        grad_weight = _ops.masked_linear_grad_weight(grad, input, mask)
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward, e.g. a gradient penalty): the gradient ops have
+        # no derivative of their own, so the backward is written with differentiable ops.
+        zero = torch.zeros((), dtype=grad.dtype, device=grad.device)
+        if ctx.needs_input_grad[0]:
+            grad_input = grad @ torch.where(mask, weight, zero)
+        if ctx.needs_input_grad[1]:
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+            grad_weight = torch.where(mask, g2.t() @ x2, zero)
+    else:
+        if ctx.needs_input_grad[0]:
+            grad_input = _ops.masked_linear_grad_input(grad, weight, mask)
+        if ctx.needs_input_grad[1]:
+            grad_weight = _ops.masked_linear_grad_weight(grad, input, mask)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
     return grad_input, grad_weight, None, grad_bias
