@@ -672,13 +672,25 @@ class DataDependent(nn.Module):
      r"layer '2'.*called 2 times"),
     (Tied(), r"layer 'fc(1|2)'.*shared.*weight tying"),
     (Concat(), r"layer '(a|b)'.*cat"),
-    (TwoConsumers(), r"layer 'trunk'.*several consumers"),
     (Softmaxed(), r"layer 'fc1'.*softmax"),
     (DataDependent(), r"torch.fx.*DataDependent"),
 ])
 def test_prune_neurons_refuses_graphs_it_cannot_follow(model, pattern):
     with pytest.raises(ValueError, match=pattern):
         prune_neurons(model, 0.5)
+
+
+def test_prune_neurons_one_layer_feeding_two_consumers_is_pruned():
+    model = TwoConsumers()  # whole-model pruning: one hidden dimension, two consumers' columns follow
+    small = prune_neurons(model, 0.5)
+    keep = kept_neurons(model.trunk.weight, 0.5)
+    ref = copy.deepcopy(model)
+    zero_outgoing(ref.head1, keep)
+    zero_outgoing(ref.head2, keep)
+    x = torch.randn(3, 6)
+    assert small.head1.in_features == small.head2.in_features == len(keep) == 4
+    for a, b in zip(small(x), ref(x)):
+        torch.testing.assert_close(a, b)
 
 
 def test_prune_neurons_without_hidden_layer_rejected():

@@ -538,7 +538,7 @@ def test_masked_layers_keep_their_masks_through_running_discovery():
 
 def test_bad_arguments():
     model = bert()
-    with pytest.raises(ValueError, match="amount must be in"):
+    with pytest.raises(ValueError, match=r"amount must be in \[0, 1\)"):
         prune_neurons(model, 1.5)
     with pytest.raises(TypeError, match="amount"):
         prune_heads(model, "half")

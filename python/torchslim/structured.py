@@ -133,10 +133,10 @@ def _check_common(model, amount, criterion) -> float:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(amount, bool) or not isinstance(amount, numbers.Real):
-        raise TypeError(f"amount must be a float in [0, 1], got {type(amount).__name__}")
+        raise TypeError(f"amount must be a real number in [0, 1), got {type(amount).__name__}")
     amount = float(amount)
-    if not (0.0 <= amount <= 1.0):
-        raise ValueError(f"amount must be in [0, 1], got {amount}")
+    if not (0.0 <= amount < 1.0):  # also rejects NaN
+        raise ValueError(f"amount must be in [0, 1), got {amount}")
     if criterion not in ("l1", "l2"):
         raise ValueError(f"criterion must be 'l1' or 'l2', got {criterion!r}")
     return amount
