@@ -168,17 +168,17 @@ def _recorded_calls():
             _run(fn, _clone(args))
     torch.manual_seed(0)
     for _, make in _module_cases():
-        layer = make()
         x = torch.randn(2, 3, 7)
         with rec:
+            layer = make()  # (the layers build their cached structure here)
             _run(layer, (x.clone().requires_grad_(),))
             with torch.no_grad():
                 layer(x)
             with torch.inference_mode():
                 layer(x)
-    fused = SparseSequential(MaskedSparseLinear.from_dense(nn.Linear(7, 9), mask=torch.rand(9, 7) < 0.3), nn.ReLU(),
-                             MaskedSparseLinear.from_dense(nn.Linear(9, 4), mask=torch.rand(4, 9) < 0.3)).eval()
     with rec:  # the fused inference op
+        fused = SparseSequential(MaskedSparseLinear.from_dense(nn.Linear(7, 9), mask=torch.rand(9, 7) < 0.3), nn.ReLU(),
+                                 MaskedSparseLinear.from_dense(nn.Linear(9, 4), mask=torch.rand(4, 9) < 0.3)).eval()
         with torch.no_grad():
             fused(torch.randn(2, 3, 7))
         with torch.inference_mode():

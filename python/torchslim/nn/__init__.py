@@ -1,5 +1,5 @@
 """Drop-in nn.Linear replacements and the distillation loss module."""
-from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
+from torchslim.nn.masked_sparse_linear import MaskedSparseLinear, force_path, forced_path
 from torchslim.nn.codebook_linear import CodebookLinear
 from torchslim.nn.kd_loss import KDLoss
 from torchslim.nn.sparse_sequential import SparseSequential
@@ -7,4 +7,4 @@ from torchslim.nn.deployed import (DeployedCodebookLinear, DeployedDenseLinear, 
                                    DeployedSparseLinear)
 
 __all__ = ["MaskedSparseLinear", "CodebookLinear", "KDLoss", "SparseSequential", "DeployedSparseLinear",
-           "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSequential"]
+           "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSequential", "force_path", "forced_path"]

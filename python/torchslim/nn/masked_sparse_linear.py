@@ -510,24 +510,26 @@ class MaskedSparseLinear(nn.Module):
         if mask.device.type == "meta" or weight.device.type == "meta":
             self._clear_caches()
             return
-        st = self.__dict__["_st"]
-        if not _structure_valid(st, mask):
-            st = self._structure(mask)
+        # Inference tensors have no version counter: what was derived from them cannot be
+        # known current, so it is rebuilt.
+        st = self._structure(mask, rebuild_unversioned=True)
         if st.sparse_b1 or st.sparse_bn or _FORCED_PATH == "sparse" or self.__dict__["_pk"] is not None:
-            self._packed("_pk", st, weight)
+            self._packed("_pk", st, weight, rebuild_unversioned=True)
+        if weight.is_inference():
+            self.__dict__["_dw"] = None
 
-    def _structure(self, mask: torch.Tensor) -> _Structure:
+    def _structure(self, mask: torch.Tensor, rebuild_unversioned: bool = False) -> _Structure:
         with _REBUILD_LOCK:
             st = self.__dict__["_st"]
-            if not _structure_valid(st, mask):
+            if not _structure_valid(st, mask) or (rebuild_unversioned and st.version < 0):
                 st = _Structure(mask)
                 self.__dict__["_st"] = st
             return st
 
-    def _packed(self, slot: str, st: _Structure, weight: torch.Tensor) -> torch.Tensor:
+    def _packed(self, slot: str, st: _Structure, weight: torch.Tensor, rebuild_unversioned: bool = False) -> torch.Tensor:
         with _REBUILD_LOCK:
             pk = self.__dict__[slot]
-            if not _packed_valid(pk, st, weight):
+            if not _packed_valid(pk, st, weight) or (rebuild_unversioned and pk.version < 0):
                 with torch.inference_mode(False), torch.no_grad():
                     if slot == "_pk":
                         data = _gather(weight, st.row_ptr, st.col_idx, False)

@@ -6,7 +6,9 @@ import threading
 import torch
 from torch import nn
 
-from torchslim.nn.masked_sparse_linear import SMALL_WEIGHT_NUMEL, SPARSE_MAX_DENSITY_BATCH1_LARGE, MaskedSparseLinear
+import torchslim.nn.masked_sparse_linear as _msl
+from torchslim.nn.masked_sparse_linear import (SMALL_WEIGHT_NUMEL, SPARSE_MAX_DENSITY_BATCH1_LARGE, MaskedSparseLinear,
+                                               _version)
 from torchslim.ops.sparse_mlp import sparse_mlp
 
 _is_compiling = torch.compiler.is_compiling
@@ -39,9 +41,10 @@ class _Run:
             return self._rebuild()
         for layer, w0, wv, wp, m0, mv, mp, b0, bv, bp in state:
             w, b, m = layer._parameters["weight"], layer._parameters["bias"], layer._buffers["mask"]
-            if (w is not w0 or m is not m0 or b is not b0 or w._version != wv or m._version != mv
-                    or w.data_ptr() != wp or m.data_ptr() != mp
-                    or (b is not None and (b._version != bv or b.data_ptr() != bp))):
+            # (a version of -1: an inference tensor, which has no version counter)
+            if (w is not w0 or m is not m0 or b is not b0 or w.data_ptr() != wp or m.data_ptr() != mp
+                    or (wv >= 0 and w._version != wv) or (mv >= 0 and m._version != mv)
+                    or (b is not None and (b.data_ptr() != bp or (bv >= 0 and b._version != bv)))):
                 return self._rebuild()
         return self.args
 
@@ -50,8 +53,8 @@ class _Run:
             state = []
             for layer in self.layers:
                 w, b, m = layer._parameters["weight"], layer._parameters["bias"], layer._buffers["mask"]
-                state.append((layer, w, w._version, w.data_ptr(), m, m._version, m.data_ptr(), b,
-                              None if b is None else b._version, None if b is None else b.data_ptr()))
+                state.append((layer, w, _version(w), w.data_ptr(), m, _version(m), m.data_ptr(), b,
+                              None if b is None else _version(b), None if b is None else b.data_ptr()))
             fusable = all(_fusable(m, self.layers[:i]) for i, m in enumerate(self.layers))
             with torch.inference_mode(False):  # versioned tensors: the op checks them once
                 args = self._pack([layer._sparse_data() for layer in self.layers]) if fusable else None
@@ -93,11 +96,19 @@ def _fusable(m, previous) -> bool:
     bias = m.bias
     if bias is not None and (bias.device.type != "cpu" or bias.dtype != w.dtype):
         return False
+    if _msl._FORCED_PATH is not None:  # torchslim.nn.force_path: "sparse" fuses any layer ("dense" fuses none)
+        return _msl._FORCED_PATH == "sparse"
     return m.density <= FUSE_MAX_DENSITY or w.numel() <= FUSE_ANY_DENSITY_NUMEL
 
 
+# Exact types: a subclass of nn.ReLU / nn.Dropout may compute something else (its forward is
+# not the fused op's ReLU or identity), so it ends a fused run like any other module.
+def _is_relu(m) -> bool:
+    return type(m) is nn.ReLU
+
+
 def _is_noop(m) -> bool:
-    return type(m) is nn.Identity or (isinstance(m, nn.Dropout) and not m.training)
+    return type(m) is nn.Identity or (type(m) is nn.Dropout and not m.training)
 
 
 class SparseSequential(nn.Sequential):
@@ -111,8 +122,11 @@ class SparseSequential(nn.Sequential):
 
     A fused run is a maximal sequence of float32 / float64 CPU MaskedSparseLinear layers of
     one dtype, each followed by at most one ``nn.ReLU``, with ``nn.Identity`` and eval-mode
-    ``nn.Dropout`` anywhere in it, and each layer sparse enough for the sparse kernel
-    (density <= 0.45, or at most 65536 weights). Everything else (other modules, training
+    ``nn.Dropout`` anywhere in it (exactly those types: a subclass may compute something
+    else, so it runs as itself), and each layer sparse enough for the sparse kernel
+    (density <= 0.45, or at most 65536 weights; ``torchslim.nn.force_path("sparse")`` fuses
+    every such layer whatever its density, ``force_path("dense")`` none). Fused layers report
+    ``last_path == "fused"``. Everything else (other modules, training
     with gradients, CUDA, torch.compile, bfloat16/float16) runs as ``nn.Sequential`` does.
     The fused arguments are cached and rebuilt when a layer's mask, weight or bias changes
     (as MaskedSparseLinear's own caches are).
@@ -142,8 +156,8 @@ class SparseSequential(nn.Sequential):
                 layers.append(children[i])
                 relu.append(False)
                 i += 1
-                while i < n and (_is_noop(children[i]) or (isinstance(children[i], nn.ReLU) and not relu[-1])):
-                    relu[-1] |= isinstance(children[i], nn.ReLU)
+                while i < n and (_is_noop(children[i]) or (_is_relu(children[i]) and not relu[-1])):
+                    relu[-1] |= _is_relu(children[i])
                     i += 1
             if layers:
                 runs.append(_Run(start, i, layers, relu))
@@ -157,9 +171,11 @@ class SparseSequential(nn.Sequential):
         layer's dtype or mask is seen by _Run.arguments."""
         children = tuple(self._modules.values())
         fuse = self._fuse
-        if fuse is None or fuse[0] != children or (fuse[1] and tuple(d.training for d in fuse[1]) != fuse[2]):
-            dropouts = tuple(m for m in children if isinstance(m, nn.Dropout))
-            fuse = (children, dropouts, tuple(d.training for d in dropouts), self._runs(children))
+        forced = _msl._FORCED_PATH
+        if (fuse is None or fuse[0] != children or fuse[4] != forced
+                or (fuse[1] and tuple(d.training for d in fuse[1]) != fuse[2])):
+            dropouts = tuple(m for m in children if type(m) is nn.Dropout)
+            fuse = (children, dropouts, tuple(d.training for d in dropouts), self._runs(children), forced)
             self.__dict__["_fuse"] = fuse
         return fuse
 
@@ -168,7 +184,7 @@ class SparseSequential(nn.Sequential):
     def forward(self, input):
         if _is_compiling() or type(input) is not torch.Tensor and not isinstance(input, torch.Tensor):
             return super().forward(input)
-        children, _, _, runs = self._plan()
+        children, _, _, runs, _ = self._plan()
         if not runs or input.device.type != "cpu":
             return super().forward(input)
         if _grad_enabled() and (input.requires_grad or any(p.requires_grad for p in self.parameters())):
@@ -187,6 +203,8 @@ class SparseSequential(nn.Sequential):
                     x = m(x)
             else:
                 x = sparse_mlp(x, *args)
+                for layer in run.layers:
+                    layer.__dict__["_last_path"] = "fused"
             i = run.stop
         for m in children[i:]:
             x = m(x)
