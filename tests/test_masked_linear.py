@@ -63,10 +63,72 @@ def test_matches_reference(lead, in_f, out_f, sparsity, dtype):
     check_against_reference(x, w, mask, b, TOL[dtype])
 
 
+# What the dense fallback runs (F.linear / matmul); the sparse kernels run none of these.
+DENSE_OPS = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"}
+
+
 @pytest.mark.parametrize("batch", [1, 16, 131])
-def test_larger_layer_sparse_path(batch):
-    x, w, mask, b = sample_inputs((batch,), 300, 200, 0.9, requires_grad=True, seed=batch)
-    check_against_reference(x, w, mask, b, TOL[torch.float32])
+def test_larger_layer_sparse_path(batch, ops_ran):
+    """60,000 weights at density 0.1: forward, input and weight gradients all on the sparse
+    kernels (no dense product ran), matching the float64 reference, in training and in
+    inference (batch 1 included: above 32,768 weights); at density 0.9 the same layer falls
+    back to dense products, so the op-name check does tell the paths apart."""
+    def run(sparsity, grad):
+        x, w, mask, b = sample_inputs((batch,), 300, 200, sparsity, requires_grad=grad, seed=batch)
+        g = torch.randn(batch, 200, generator=torch.Generator().manual_seed(1))
+        got = {}
+
+        def ours():
+            with torch.set_grad_enabled(grad):
+                got["y"] = masked_linear(x, w, mask, b)
+                if grad:
+                    got["grads"] = torch.autograd.grad(got["y"], (x, w, b), g)
+        ran = ops_ran(ours)
+        want_y, want_grads = reference_grads(x, w, mask, b, g)
+        torch.testing.assert_close(got["y"].double(), want_y, **TOL[torch.float32])
+        for have, want in zip(got.get("grads", ()), want_grads):
+            torch.testing.assert_close(have.double(), want, **TOL[torch.float32])
+        return ran
+
+    for grad in (True, False):
+        ran = run(0.9, grad)
+        assert "torchslim::masked_linear" in ran
+        if grad:
+            assert {"torchslim::masked_linear_grad_input", "torchslim::masked_linear_grad_weight"} <= ran
+        assert not ran & DENSE_OPS, f"dense products ran (grad={grad}): {sorted(ran & DENSE_OPS)}"
+    assert run(0.1, True) & DENSE_OPS
+
+
+@pytest.mark.parametrize("lead,in_f,out_f,sparsity", [((1,), 37, 29, 0.5), ((1,), 300, 200, 0.05), ((5,), 64, 33, 0.9),
+                                                      ((2, 3), 19, 45, 0.0), ((3, 1, 4), 8, 13, 0.99), ((1,), 1, 1, 0.0),
+                                                      ((0,), 10, 6, 0.5), ((2, 0), 10, 6, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_module_both_paths_match_reference(lead, in_f, out_f, sparsity, dtype, masked_path):
+    """MaskedSparseLinear forced onto each path (small layers at batch 1 would otherwise
+    always run dense): forward under no_grad and with gradients, input/weight/bias gradients,
+    exact zeros at masked weights, odd and empty shapes, 3-D and non-contiguous input."""
+    x, w, mask, b = sample_inputs(lead, in_f, out_f, sparsity, dtype, seed=in_f * 7 + out_f)
+    linear = torch.nn.Linear(in_f, out_f, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)
+    layer = torchslim.nn.MaskedSparseLinear.from_dense(linear, mask=mask)
+    if x.dim() >= 2 and x.shape[-2] > 1:
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, other strides
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.last_path == masked_path
+    want = ref_masked_linear(x.double(), w.double(), mask, b.double())
+    torch.testing.assert_close(y.double(), want, **TOL[dtype])
+    xg = x.detach().clone().requires_grad_()
+    y = layer(xg)
+    assert layer.last_path == masked_path
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    gx, gw, gb = torch.autograd.grad(y, (xg, layer.weight, layer.bias), g)
+    want_y, (rx, rw, rb) = reference_grads(xg, layer.weight, mask, layer.bias, g)
+    for got, ref in ((y, want_y), (gx, rx), (gw, rw), (gb, rb)):
+        torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+    assert bool((gw[~mask] == 0).all())
 
 
 def test_no_bias_and_wide_indices():
