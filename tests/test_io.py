@@ -793,3 +793,31 @@ def test_deploy_under_inference_mode_and_compile(cb_cls):
     compiled = torch.compile(dep, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_deployed_forms_convert_back(cb_cls):
+    model = _mlp(cb_cls)
+    dep = torchslim.deploy(model)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        ref = model(x)
+        dense = torchslim.to_dense(dep)
+        assert type(dense) is nn.Sequential
+        assert not any(isinstance(m, tuple(torchslim.nn.deployed.DEPLOYED_TYPES)) for m in dense.modules())
+        torch.testing.assert_close(dense(x), ref, rtol=1e-5, atol=1e-6)
+        sparse = torchslim.to_sparse(dep)
+        assert type(sparse) is torchslim.nn.SparseSequential
+        assert isinstance(sparse[0], MaskedSparseLinear) and int(sparse[0].mask.sum()) == int(model[0].mask.sum())
+        torch.testing.assert_close(sparse(x), ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_deploy_keeps_the_layer_dtype(tmp_path, dtype):
+    torch.manual_seed(9)
+    model = nn.Sequential(masked_layer(300, 200, 0.1, seed=3), nn.ReLU(), masked_layer(200, 10, 0.2, seed=4)).to(dtype)
+    x = torch.randn(2, 300, dtype=dtype)
+    for dep in (torchslim.deploy(model), torchslim.load(roundtrip(model, tmp_path)[1], deploy=True)):
+        with torch.inference_mode():
+            y = dep(x)
+            assert y.dtype == dtype
+            torch.testing.assert_close(y, model(x), **({} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}))

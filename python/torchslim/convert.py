@@ -30,6 +30,18 @@ def _is_compressed_linear(module: nn.Module) -> bool:
 # to_dense
 # --------------------------------------------------------------------------------------
 
+def _plain_sequential(module: nn.Module) -> nn.Module:
+    """A DeployedSequential back to an nn.Sequential with the same children (after its
+    layers were converted, its fused runs no longer apply)."""
+    from torchslim.nn.deployed import DeployedSequential
+
+    if type(module) is DeployedSequential:
+        out = nn.Sequential(OrderedDict(module._modules.items()))
+        out.train(module.training)
+        return out
+    return module
+
+
 def _dense_linear(module: nn.Module) -> nn.Linear:
     linear = module.to_dense()
     linear.train(module.training)
@@ -53,8 +65,9 @@ def to_dense(model: nn.Module) -> nn.Module:
                 setattr(module, name, _dense_linear(child))
             else:
                 walk(child)
+                setattr(module, name, _plain_sequential(child))
     walk(out)
-    return out
+    return _plain_sequential(out)
 
 
 # --------------------------------------------------------------------------------------
@@ -100,6 +113,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
     from torchslim.nn import SparseSequential
 
     def fused(seq):
+        seq = _plain_sequential(seq)
         if type(seq) is nn.Sequential and any(isinstance(m, MaskedSparseLinear) for m in seq.children()):
             out = SparseSequential(OrderedDict(seq._modules.items()))
             out.train(seq.training)

@@ -270,6 +270,7 @@ class DeployedSequential(nn.Sequential):
             else:
                 i += 1
         self._runs = []
+        self.__dict__["_built_for"] = tuple(children)  # runs are valid for these children only
         for r, (start, stop, layers, relu) in enumerate(runs):
             self._pack(r, layers, relu)
             self._runs.append((start, stop, layers[-1].out_features))
@@ -315,7 +316,9 @@ class DeployedSequential(nn.Sequential):
         if not runs or not isinstance(input, torch.Tensor) or input.device.type != "cpu" or (
                 _grad_enabled() and input.requires_grad):
             return super().forward(input)
-        children = list(self._modules.values())
+        children = tuple(self._modules.values())
+        if children != self.__dict__.get("_built_for"):  # a child was replaced: the runs are stale
+            return super().forward(input)
         x, i = input, 0
         for r, (start, stop, out_features) in enumerate(runs):
             for m in children[i:start]:
