@@ -256,6 +256,101 @@ def test_module_compile_fullgraph_matches_eager(kind):
         torch.testing.assert_close(got[2][n], expected[2][n], msg=lambda m: f"grad of {n}: {m}")
 
 
+class _GraphRecorder:
+    """A dynamo backend that records the call targets of every graph it is given."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        return gm.forward
+
+
+def _pruned_layer(in_f=300, out_f=200, density=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(out_f, in_f, generator=g) / in_f ** 0.5)
+    return MaskedSparseLinear.from_dense(lin, mask=torch.rand(out_f, in_f, generator=g) < density)
+
+
+def _ref_masked(layer, x):
+    return torch.nn.functional.linear(x.double(), torch.where(layer.mask, layer.weight.detach().double(), 0.0),
+                                      layer.bias.detach().double())
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_masked_layer_reads_the_cached_structure(fullgraph):
+    """Compiled graphs call the structure ops on the layer's cached structure (graph inputs),
+    never the functional op that rebuilds the structure per call."""
+    layer = _pruned_layer()
+    rec = _GraphRecorder()
+    compiled = torch.compile(layer, fullgraph=fullgraph, backend=rec)
+    x = torch.randn(1, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x).double(), _ref_masked(layer, x), rtol=1e-5, atol=1e-5)
+    assert rec.graphs[-1] == ["torchslim._masked_spmm.default"], rec.graphs
+    assert layer.last_path == "sparse"
+    xg = x.clone().requires_grad_()
+    compiled(xg).sum().backward()
+    targets = rec.graphs[-1]
+    assert "torchslim._masked_gather.default" in targets and not any("masked_linear" in t or "structure" in t
+                                                                       for t in targets), targets
+    assert bool((layer.weight.grad[~layer.mask] == 0).all())
+
+
+def test_compiled_masked_layer_follows_mask_and_weight_changes():
+    """What refreshes the cache outside the graph: set_mask, load_state_dict, an optimizer
+    step, refresh(); a replaced mask buffer retraces (its identity is guarded)."""
+    layer = _pruned_layer()
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    x = torch.randn(3, 300)
+
+    def check(what):
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x).double(), _ref_masked(layer, x), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"after {what}: {m}")
+        return compiled(x).detach()
+
+    before = check("nothing")
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1)
+    compiled(x).square().sum().backward()  # a compiled training step
+    opt.step()
+    after = check("an optimizer step")
+    assert not torch.allclose(after, before)
+    layer.set_mask(torch.rand(200, 300) < 0.05)
+    check("set_mask")
+    layer.load_state_dict(_pruned_layer(seed=3).state_dict())
+    check("load_state_dict")
+    with torch.no_grad():
+        layer.weight.mul_(3.0)
+    layer.refresh()
+    check("an in-place edit and refresh()")
+    layer.mask = torch.rand(200, 300) < 0.08  # a new buffer object
+    check("replacing the mask buffer")
+
+
+def test_compiled_masked_layer_forced_paths_and_fresh_layer():
+    from torchslim.nn import force_path
+
+    layer = _pruned_layer(density=0.6)  # dense by the rule
+    rec = _GraphRecorder()
+    compiled = torch.compile(layer, fullgraph=True, backend=rec)
+    x = torch.randn(4, 300)
+    for path, op in (("sparse", "torchslim._masked_spmm.default"), ("dense", "torchslim._masked_dense")):
+        with force_path(path), torch.no_grad():
+            torch.testing.assert_close(compiled(x).double(), _ref_masked(layer, x), rtol=1e-5, atol=1e-5)
+        assert op in rec.graphs[-1], (path, rec.graphs[-1])
+        assert layer.last_path == path
+    fresh = MaskedSparseLinear(30, 20)  # never built a structure: the functional op
+    rec2 = _GraphRecorder()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(fresh, fullgraph=True, backend=rec2)(x[:, :30]).double(),
+                                   _ref_masked(fresh, x[:, :30]), rtol=1e-5, atol=1e-5)
+    assert rec2.graphs[-1] == ["torchslim.masked_linear"], rec2.graphs
+
+
 @pytest.mark.parametrize("with_target", [False, True])
 def test_kdloss_compile_fullgraph_matches_eager(with_target):
     torch.manual_seed(0)

@@ -266,3 +266,275 @@ def test_cuda_module():
     assert bool((layer.weight.grad[~layer.mask] == 0).all())
     with torch.no_grad():
         torch.testing.assert_close(layer(x[:1].cuda()).double().cpu(), want[:1], rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def _state_bytes(sd):
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def test_set_mask_and_from_dense_zero_the_masked_weights():
+    layer, lin, mask = make_layer(sparsity=0.7)
+    assert bool((layer.weight[~mask] == 0).all()) and torch.equal(layer.weight[mask], lin.weight[mask])
+    new = torch.rand(40, 48) < 0.2
+    layer.set_mask(new)
+    assert bool((layer.weight[~new] == 0).all())
+    both = new & mask  # (positions masked before stay at the zero they were set to)
+    assert torch.equal(layer.weight.detach()[both], lin.weight.detach()[both]) and int(both.sum()) > 0
+
+
+def test_state_dict_has_exact_zeros_after_adam_drift():
+    """Adam moments built before a mask change keep moving the newly masked weights; the
+    state_dict still holds exact zeros there, so a plain nn.Linear loaded from it (a route
+    that drops the mask) computes the pruned function."""
+    torch.manual_seed(0)
+    layer, _, _ = make_layer(sparsity=0.3)
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    x = torch.randn(16, 48)
+    for step in range(4):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+        if step == 1:
+            layer.set_mask(layer.mask & (torch.rand(40, 48) < 0.5))
+    assert int((layer.weight[~layer.mask] != 0).sum()) > 100, "the test needs drift at masked positions"
+    sd = layer.state_dict()
+    assert bool((sd["weight"][~layer.mask] == 0).all())
+    torch.testing.assert_close(sd["weight"][layer.mask], layer.weight.detach()[layer.mask])
+    plain = nn.Linear(48, 40)
+    plain.load_state_dict({"weight": sd["weight"], "bias": sd["bias"]})
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), layer(x))
+    # keep_vars: the Parameter itself when nothing drifted.
+    clean, _, _ = make_layer(sparsity=0.5)
+    assert clean.state_dict(keep_vars=True)["weight"] is clean.weight
+
+
+def test_state_dict_size_is_dense_plus_mask_bits():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(301, 97), nn.ReLU(), nn.Linear(97, 13))
+    pruned = nn.Sequential(MaskedSparseLinear.from_dense(dense[0], torch.rand(97, 301) < 0.1), nn.ReLU(),
+                           MaskedSparseLinear.from_dense(dense[2], torch.rand(13, 97) < 0.1))
+    mask_bits = 97 * ((301 + 7) // 8) + 13 * ((97 + 7) // 8)
+    assert _state_bytes(pruned.state_dict()) == _state_bytes(dense.state_dict()) + mask_bits
+    buf_dense, buf_pruned = io.BytesIO(), io.BytesIO()
+    torch.save(dense.state_dict(), buf_dense)
+    torch.save(pruned.state_dict(), buf_pruned)
+    # (torch.save adds a few hundred bytes of record names for the extra keys)
+    assert len(buf_pruned.getvalue()) <= len(buf_dense.getvalue()) + mask_bits + 1024
+
+
+@pytest.mark.parametrize("in_f", [1, 7, 8, 9, 13, 64, 65])
+def test_mask_bits_round_trip(in_f):
+    from torchslim.nn.masked_sparse_linear import pack_mask_bits, unpack_mask_bits
+
+    mask = torch.rand(5, in_f, generator=torch.Generator().manual_seed(in_f)) < 0.5
+    packed = pack_mask_bits(mask)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, (in_f + 7) // 8)
+    assert torch.equal(unpack_mask_bits(packed, 5, in_f), mask)
+    # Bit j % 8 of byte j // 8, least significant first (numpy's bitorder="little").
+    np = pytest.importorskip("numpy")
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=1, bitorder="little"))
+    assert tuple(unpack_mask_bits(pack_mask_bits(torch.ones(0, in_f, dtype=torch.bool)), 0, in_f).shape) == (0, in_f)
+
+
+@pytest.mark.parametrize("form", ["packed", "bool"])
+def test_load_state_dict_accepts_packed_and_bool_masks(form):
+    src, _, _ = make_layer(sparsity=0.8, seed=1)
+    sd = src.state_dict()
+    if form == "bool":  # an old checkpoint
+        sd["mask"] = src.mask.clone()
+    layer, _, _ = make_layer(sparsity=0.2, seed=2)
+    x = torch.randn(3, 48)
+    layer(x)  # warm the caches of the old state
+    layer.load_state_dict(sd)
+    assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, src.mask)
+    torch.testing.assert_close(layer(x), src(x))
+    assert layer.density == pytest.approx(src.density)
+
+
+def test_load_state_dict_zeroes_masked_weights_of_old_checkpoints():
+    src, _, _ = make_layer(sparsity=0.8, seed=1)
+    sd = {"weight": torch.randn(40, 48), "bias": src.bias.detach().clone(), "mask": src.mask.clone()}
+    layer = MaskedSparseLinear(48, 40)
+    layer.load_state_dict(sd)
+    assert bool((layer.weight[~src.mask] == 0).all())
+    torch.testing.assert_close(layer.weight[src.mask], sd["weight"][src.mask])
+
+
+def test_load_state_dict_rejects_bad_masks():
+    layer, _, _ = make_layer()
+    sd = layer.state_dict()
+    for bad in (torch.zeros(40, 7, dtype=torch.uint8), torch.zeros(40, 6, dtype=torch.int64),
+                torch.zeros(48, 40, dtype=torch.bool)):
+        with pytest.raises(RuntimeError, match="mask"):
+            layer.load_state_dict({**sd, "mask": bad})
+    padded = MaskedSparseLinear(13, 4)
+    bits = padded.state_dict()["mask"].clone()
+    bits[0, 1] |= 0x80  # column 15 does not exist
+    with pytest.raises(RuntimeError, match="padding bits"):
+        padded.load_state_dict({**padded.state_dict(), "mask": bits})
+
+
+def test_state_dict_into_meta_skeleton_with_assign():
+    src, _, _ = make_layer(sparsity=0.9)
+    with torch.device("meta"):
+        layer = MaskedSparseLinear(48, 40)
+    layer.load_state_dict(src.state_dict(), assign=True)
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(layer(x), src(x))
+    assert layer.mask.dtype == torch.bool
+
+
+# --------------------------------------------------------------------------- takeover
+
+
+def _conv1d(in_f, out_f, seed=0):
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    del transformers
+    torch.manual_seed(seed)
+    conv = Conv1D(out_f, in_f)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    return conv
+
+
+def test_from_dense_conv1d():
+    conv = _conv1d(48, 40)
+    with torch.no_grad():
+        conv.weight[conv.weight.abs() < 0.5] = 0
+    layer = MaskedSparseLinear.from_dense(conv)
+    assert layer.weight.shape == (40, 48) and layer.weight.is_contiguous()
+    assert torch.equal(layer.mask, conv.weight.t() != 0)
+    x = torch.randn(2, 3, 48)
+    torch.testing.assert_close(layer(x), conv(x), rtol=1e-5, atol=1e-5)
+    mask = torch.rand(40, 48) < 0.3
+    masked = MaskedSparseLinear.from_dense(conv, mask)
+    torch.testing.assert_close(masked(x).double(), F.linear(x.double(), (conv.weight.t() * mask).double(),
+                                                            conv.bias.double()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_from_dense_torch_pruned_parametrized_and_removed(kind):
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer_in = nn.Linear(48, 40) if kind == "linear" else _conv1d(48, 40)
+    prune.l1_unstructured(layer_in, "weight", amount=0.8)
+    torch_mask = layer_in.weight_mask != 0
+    if kind == "conv1d":
+        torch_mask = torch_mask.t()
+    x = torch.randn(5, 48)
+    want = layer_in(x).detach()
+    taken = MaskedSparseLinear.from_dense(layer_in)
+    assert torch.equal(taken.mask, torch_mask)
+    assert taken.density == pytest.approx(0.2, abs=0.01)
+    torch.testing.assert_close(taken(x), want, rtol=1e-5, atol=1e-5)
+    # A stale module.weight (weight_orig edited after the last forward) is not what is read.
+    with torch.no_grad():
+        layer_in.weight_orig.mul_(2)
+    torch.testing.assert_close(MaskedSparseLinear.from_dense(layer_in)(x), 2 * (want - layer_in.bias) + layer_in.bias,
+                               rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        layer_in.weight_orig.div_(2)
+    # The mask intersects with a given one.
+    extra = torch.rand(40, 48) < 0.5
+    assert torch.equal(MaskedSparseLinear.from_dense(layer_in, extra).mask, torch_mask & extra)
+    # After prune.remove: a plain layer whose zeros are the pruning.
+    prune.remove(layer_in, "weight")
+    removed = MaskedSparseLinear.from_dense(layer_in)
+    assert torch.equal(removed.mask, torch_mask)
+    torch.testing.assert_close(removed(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_from_dense_masked_sparse_linear_and_bad_types():
+    layer, _, mask = make_layer(sparsity=0.5)
+    twin = MaskedSparseLinear.from_dense(layer)
+    assert torch.equal(twin.mask, mask) and twin.weight is not layer.weight
+    x = torch.randn(3, 48)
+    torch.testing.assert_close(twin(x), layer(x))
+    for bad in (nn.Conv2d(1, 1, 1), nn.Embedding(3, 4), torch.randn(3, 4)):
+        with pytest.raises(TypeError, match="nn.Linear"):
+            MaskedSparseLinear.from_dense(bad)
+    with pytest.raises(ValueError, match="shape"):
+        MaskedSparseLinear.from_dense(nn.Linear(48, 40), torch.ones(48, 40, dtype=torch.bool))
+
+
+def test_from_dense_leaves_the_rng_alone():
+    lin = nn.Linear(48, 40)
+    torch.manual_seed(123)
+    MaskedSparseLinear.from_dense(lin, torch.rand(40, 48) < 0.5)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    torch.rand(40, 48)
+    torch.testing.assert_close(after, torch.rand(3))
+
+
+# --------------------------------------------------------------------------- forced paths, devices
+
+
+def test_force_path_context_and_setter():
+    from torchslim.nn import force_path, forced_path
+
+    small, _, _ = make_layer(sparsity=0.5)  # the rule: dense at every batch
+    big, _, _ = make_layer(400, 100, sparsity=0.9)  # the rule: sparse
+    x_small, x_big = torch.randn(1, 48), torch.randn(1, 400)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            assert forced_path() is None
+            with force_path("sparse"):
+                assert forced_path() == "sparse"
+                torch.testing.assert_close(small(x_small).double(), reference(small, x_small), rtol=1e-5, atol=1e-5)
+                assert small.last_path == "sparse"
+                with force_path("dense"):
+                    torch.testing.assert_close(big(x_big).double(), reference(big, x_big), rtol=1e-5, atol=1e-5)
+                    assert big.last_path == "dense"
+                big(x_big)
+                assert big.last_path == "sparse" and forced_path() == "sparse"
+            small(x_small)
+            assert small.last_path == "dense" and forced_path() is None
+    force_path("sparse")  # plain setter (a pytest fixture's form)
+    try:
+        small(x_small)
+        assert small.last_path == "sparse"
+    finally:
+        force_path(None)
+    small(x_small)
+    assert small.last_path == "dense"
+    with pytest.raises(ValueError, match="sparse"):
+        force_path("fast")
+    assert forced_path() is None
+
+
+def test_forced_sparse_training_gives_exact_zero_grads():
+    from torchslim.nn import force_path
+
+    layer, _, mask = make_layer(sparsity=0.3)  # dense by the rule in training
+    x = torch.randn(5, 48, requires_grad=True)
+    with force_path("sparse"):
+        layer(x).square().sum().backward()
+        assert layer.last_path == "sparse"
+    assert bool((layer.weight.grad[~mask] == 0).all()) and float(layer.weight.grad.abs().max()) > 0
+    xr = x.detach().requires_grad_()
+    wr = layer.weight.detach().clone().requires_grad_()
+    F.linear(xr, wr * mask, layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, wr.grad * mask, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("path", [None, "sparse", "dense"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_meta_input_to_cpu_layer_raises_like_linear(path, grad):
+    from torchslim.nn import force_path
+
+    layer, _, _ = make_layer(400, 100, sparsity=0.9)
+    x = torch.randn(2, 400, device="meta", requires_grad=grad)
+    with pytest.raises(RuntimeError):
+        nn.Linear(400, 100)(x)
+    with force_path(path), pytest.raises((RuntimeError, ValueError), match="device"):
+        layer(x)

@@ -362,3 +362,68 @@ def test_op_int16_indices_cannot_index_wide_layers():
     y = OP(torch.arange(40000.0).unsqueeze(0), plan, torch.ones(1), torch.tensor([0, 1], dtype=torch.int32),
            torch.tensor([39999], dtype=torch.int32), torch.empty(0), 1)
     assert y.item() == 39999.0
+
+
+# --------------------------------------------------------------------------- exact types, forced paths
+
+
+class _LeakyReLU(nn.ReLU):
+    """A ReLU subclass that computes something else: it must not be fused as a ReLU."""
+
+    def forward(self, x):
+        return torch.nn.functional.leaky_relu(x, 0.3)
+
+
+class _ScaledDropout(nn.Dropout):
+    """A Dropout subclass that is not the identity in eval mode."""
+
+    def forward(self, x):
+        return 2.0 * x
+
+
+@pytest.mark.parametrize("odd", [_LeakyReLU, _ScaledDropout])
+def test_relu_and_dropout_subclasses_are_not_fused_as_plain(odd, monkeypatch):
+    calls = CountCalls(monkeypatch)
+    model = SparseSequential(sparse_layer(37, 53, 0.1), odd(), sparse_layer(53, 11, 0.2, seed=1)).eval()
+    x = torch.randn(4, 37)
+    with torch.no_grad():
+        y = model(x)
+        want = nn.Sequential(*model).eval()(x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y.double(), reference(model, x), **tol(torch.float32))
+    assert calls.calls == 2  # two runs of one layer each, with the subclass between them
+    # Plain ReLU / Dropout in the same place: one fused run.
+    plain = SparseSequential(model[0], nn.ReLU() if odd is _LeakyReLU else nn.Dropout(), model[2]).eval()
+    with torch.no_grad():
+        plain(x)
+    assert calls.calls == 3
+
+
+def test_force_path_sparse_fuses_dense_layers_and_dense_fuses_none(monkeypatch):
+    from torchslim.nn import force_path
+
+    calls = CountCalls(monkeypatch)
+    model = SparseSequential(sparse_layer(300, 300, 0.9), nn.ReLU(), sparse_layer(300, 10, 0.1, seed=1)).eval()
+    x = torch.randn(3, 300)
+    with torch.no_grad():
+        model(x)
+        assert calls.calls == 1 and model[0].last_path == "dense" and model[2].last_path == "fused"
+        with force_path("sparse"):
+            y = model(x)
+            assert calls.calls == 2 and model[0].last_path == "fused" and model[2].last_path == "fused"
+        torch.testing.assert_close(y.double(), reference(model, x), rtol=1e-4, atol=1e-4)
+        with force_path("dense"):
+            y = model(x)
+            assert calls.calls == 2 and model[0].last_path == "dense" and model[2].last_path == "dense"
+        torch.testing.assert_close(y.double(), reference(model, x), rtol=1e-4, atol=1e-4)
+        model(x)
+        assert calls.calls == 3 and model[0].last_path == "dense"
+
+
+def test_meta_input_raises_like_sequential_of_linears():
+    model = mlp()
+    x = torch.randn(2, 37, device="meta")
+    with pytest.raises(RuntimeError):
+        nn.Sequential(nn.Linear(37, 53))(x)
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError), match="device"):
+        model(x)
