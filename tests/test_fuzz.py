@@ -52,6 +52,52 @@ def test_masked_linear_matches_reference(lead, in_f, out_f, sparsity, dtype, bia
     torch.testing.assert_close(got.double(), want, **_tol(dtype))
 
 
+# The fixture (masked_path: forced sparse, then forced dense) stays set for all examples.
+FUZZ_PATHS = settings(FUZZ, suppress_health_check=[*FUZZ.suppress_health_check, HealthCheck.function_scoped_fixture])
+
+
+@FUZZ_PATHS
+@given(lead=st.lists(st.integers(0, 5), min_size=1, max_size=3), in_f=pos_dims, out_f=pos_dims,
+       sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.9, 0.99, 1.0]), dtype=float_dtypes, bias=st.booleans(),
+       noncontig=st.booleans(), grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_masked_module_both_paths_match_reference(masked_path, lead, in_f, out_f, sparsity, dtype, bias, noncontig,
+                                                   grad, seed):
+    """MaskedSparseLinear on the path the fixture forces, whatever the size (these layers
+    are all under 32,768 weights: at batch 1 the density rule alone would run them dense):
+    output and, with grad, input/weight/bias gradients against the float64 reference."""
+    from torchslim.nn import MaskedSparseLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    x = _maybe_noncontiguous(_input(gen, lead, in_f, dtype), noncontig)
+    linear = torch.nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_f, in_f, generator=gen, dtype=torch.float64))
+        if bias:
+            linear.bias.copy_(torch.randn(out_f, generator=gen, dtype=torch.float64))
+    mask = torch.rand(out_f, in_f, generator=gen) >= sparsity
+    layer = MaskedSparseLinear.from_dense(linear, mask=mask)
+    params = [layer.weight] + ([layer.bias] if bias else [])
+    xr = x.detach().double().requires_grad_(grad)
+    refs = [p.detach().double().requires_grad_(grad) for p in params]
+    want = ref_masked_linear(xr, refs[0], mask, refs[1] if bias else None)
+    if not grad:
+        with torch.no_grad():
+            got = layer(x)
+        assert layer.last_path == masked_path
+        torch.testing.assert_close(got.double(), want, **_tol(dtype))
+        return
+    x = x.detach().requires_grad_()
+    got = layer(x)
+    assert layer.last_path == masked_path
+    torch.testing.assert_close(got.double(), want.detach(), **_tol(dtype))
+    g = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    grads = torch.autograd.grad(got, [x, *params], g.to(dtype))
+    want_grads = torch.autograd.grad(want, [xr, *refs], g)
+    for have, ref in zip(grads, want_grads):
+        torch.testing.assert_close(have.double(), ref, **_tol(dtype))
+    assert bool((grads[1][~mask] == 0).all())
+
+
 @FUZZ
 @given(in_f=pos_dims, out_f=pos_dims, batch=dims, k=st.integers(1, 256), packed=st.booleans(),
        dtype=float_dtypes, bias=st.booleans(), noncontig=st.booleans(), seed=st.integers(0, 2**16))
