@@ -821,3 +821,14 @@ def test_deploy_keeps_the_layer_dtype(tmp_path, dtype):
             y = dep(x)
             assert y.dtype == dtype
             torch.testing.assert_close(y, model(x), **({} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}))
+
+
+def test_loaded_masked_layers_run_compiled(tmp_path):
+    torch.manual_seed(10)
+    model = nn.Sequential(masked_layer(300, 200, 0.1, seed=6), nn.ReLU(), masked_layer(200, 10, 0.2, seed=7)).eval()
+    loaded, _ = roundtrip(model, tmp_path)
+    x = torch.randn(1, 300)
+    compiled = torch.compile(loaded, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert loaded[0].last_path == "sparse"

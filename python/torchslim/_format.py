@@ -428,6 +428,8 @@ def _dec_sparse(reader: Reader, path: str, node: dict, deploy: bool) -> nn.Modul
         if bias is not None:
             layer.bias = nn.Parameter(bias.clone())
         layer._clear_caches()
+        if hasattr(layer, "refresh"):
+            layer.refresh()  # the structure is built now, as compiled graphs expect
     return layer
 
 
