@@ -12,7 +12,7 @@ from torch import nn
 from torchslim.kmeans import kmeans_1d
 from torchslim.nn import CodebookLinear, MaskedSparseLinear
 from torchslim.ops import codebook_linear
-from torchslim.ops._reference import unpack_int4
+from torchslim.ops._reference import ref_codebook_linear, unpack_int4
 
 
 def _linear(in_f, out_f, bias=True, seed=0, dtype=torch.float32):
@@ -318,3 +318,79 @@ def test_compile_fullgraph_forward_backward():
     for p, q in zip(model.parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
     assert float(model[0].codebook.grad[0]) == 0.0
+
+
+# ---- takeover of other layer types, devices -------------------------------------------------
+def _conv1d(in_f, out_f):
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    conv = Conv1D(out_f, in_f)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.bias.normal_()
+    return conv
+
+
+def _as_linear(conv):
+    lin = nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    return lin
+
+
+@pytest.mark.parametrize("k", [16, 40])
+def test_from_dense_conv1d_equals_the_linear_form(k):
+    conv = _conv1d(13, 9)
+    layer = CodebookLinear.from_dense(conv, num_clusters=k)
+    twin = CodebookLinear.from_dense(_as_linear(conv), num_clusters=k)
+    assert (layer.in_features, layer.out_features) == (13, 9)
+    assert torch.equal(layer.indices, twin.indices) and torch.equal(layer.codebook, twin.codebook)
+    x = torch.randn(2, 3, 13)
+    torch.testing.assert_close(layer(x), twin(x))
+    # and it computes the clustered version of the Conv1D's function
+    torch.testing.assert_close(layer(x).double(), ref_codebook_linear(x.double(), layer.indices,
+                                                                       layer.codebook.detach().double(),
+                                                                       layer.bias.detach().double()),
+                               rtol=1e-5, atol=1e-5)
+    assert layer.reconstruction_error < 0.2
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_from_dense_torch_pruned_layer_keeps_its_mask(kind):
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    layer_in = _linear(20, 12) if kind == "linear" else _conv1d(20, 12)
+    prune.random_unstructured(layer_in, "weight", amount=0.6)
+    mask = layer_in.weight_mask != 0
+    if kind == "conv1d":
+        mask = mask.t()
+    layer = CodebookLinear.from_dense(layer_in, num_clusters=8)
+    assert layer.zero_pinned
+    assert torch.equal(layer.labels() == 0, ~mask)  # pruned positions index the pinned zero
+    assert bool((layer.weight[~mask] == 0).all())
+    x = torch.randn(5, 20)
+    # close to the pruned layer (8 shared values), and exactly zero where pruned
+    err = (layer(x) - layer_in(x)).abs().max() / layer_in(x).abs().max()
+    assert float(err) < 0.3
+
+
+def test_from_dense_rejects_other_types_clearly():
+    for bad in (nn.Conv2d(1, 1, 1), nn.Embedding(4, 3), nn.LayerNorm(4)):
+        with pytest.raises(TypeError, match="nn.Linear"):
+            CodebookLinear.from_dense(bad)
+
+
+@pytest.mark.parametrize("k", [16, 40])
+def test_meta_input_to_cpu_layer_raises(k):
+    layer = CodebookLinear.from_dense(_linear(7, 3), num_clusters=k)
+    x = torch.randn(2, 7, device="meta")
+    with pytest.raises(RuntimeError):
+        nn.Linear(7, 3)(x)
+    with pytest.raises((RuntimeError, ValueError), match="device"):
+        layer(x)
+    with pytest.raises((RuntimeError, ValueError), match="device"):
+        layer(x.requires_grad_())
