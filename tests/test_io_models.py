@@ -166,6 +166,14 @@ def test_gpt2_conv1d_layers_and_manifest(tmp_path):
     assert is_conv1d(skeleton.transformer.h[0].attn.c_attn)
     loaded = torchslim.load(path, model=skeleton)
     assert isinstance(loaded.transformer.h[0].attn.c_attn, MaskedSparseLinear)
+    torchslim.save(loaded, tmp_path / "again")  # layers loaded into Conv1D skeleton slots say so
+    with safe_open(str(tmp_path / "again"), "pt") as f:
+        again = json.loads(f.metadata()["torchslim"])
+    assert again["layers"]["transformer.h.0.attn.c_attn"]["from"] == "Conv1D"
+    with pytest.raises(ValueError, match="replaced a transformers Conv1D"):  # not into an nn.Linear slot
+        skel = _fresh("gpt2", meta=True)
+        skel.transformer.h[0].attn.c_attn = nn.Linear(64, 192, device="meta")
+        torchslim.load(tmp_path / "again", model=skel)
     # a manifest path naming a non-linear module of a real model
     header["layers"]["transformer.ln_f"] = header["layers"].pop("transformer.h.0.attn.c_attn")
     import torchslim.io as tio

@@ -41,6 +41,7 @@ from torch import nn
 from torchslim import _codec
 from torchslim import _format as fmt
 from torchslim._codec import CODECS
+from torchslim._layers import is_conv1d
 from torchslim._codec import compress as _compress  # noqa: F401  (kept for callers of the old names)
 from torchslim._codec import decompress as _decompress  # noqa: F401
 from torchslim._codec import varint_decode as _varint_decode  # noqa: F401
@@ -444,6 +445,8 @@ def _load(header, tensors, size, src, model, device, deploy, max_numel):
         for path, (parent, name, old) in targets.items():
             new = built[path]
             new.train(old.training)
+            if is_conv1d(old):
+                new.from_conv1d = True  # recorded as "from": "Conv1D" when saved again
             if parent is None:
                 model = new
             else:
