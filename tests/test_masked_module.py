@@ -538,3 +538,26 @@ def test_meta_input_to_cpu_layer_raises_like_linear(path, grad):
         nn.Linear(400, 100)(x)
     with force_path(path), pytest.raises((RuntimeError, ValueError), match="device"):
         layer(x)
+
+
+@pytest.mark.parametrize("in_f,out_f", [(0, 5), (5, 0), (0, 0)])
+@pytest.mark.parametrize("path", [None, "sparse", "dense"])
+def test_empty_layers_match_linear(in_f, out_f, path):
+    """0-wide layers (the sparse kernels need both dimensions) run dense, like nn.Linear."""
+    from torchslim.nn import force_path
+
+    lin = nn.Linear(in_f, out_f)
+    with torch.no_grad():
+        lin.bias.normal_()
+    layer = MaskedSparseLinear.from_dense(lin)
+    x = torch.randn(3, in_f, requires_grad=True)
+    with force_path(path):
+        y = layer(x)
+        torch.testing.assert_close(y, lin(x))
+        y.sum().backward()
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), lin(x))
+    assert x.grad.shape == x.shape and layer.bias.grad.shape == (out_f,)
+    other = MaskedSparseLinear(in_f, out_f)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(other(x), lin(x))

@@ -165,7 +165,7 @@ class _Structure:
     """CSR of the mask by rows (forward, grad_weight) and by columns (grad_input)."""
 
     __slots__ = ("mask", "version", "ptr", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm", "nnz", "density",
-                 "sparse_b1", "sparse_bn", "sparse_train", "sparse_train_small")
+                 "sparse_b1", "sparse_bn", "sparse_train", "sparse_train_small", "sparse_ok")
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
@@ -186,6 +186,10 @@ class _Structure:
         self.sparse_bn = d <= SPARSE_MAX_DENSITY
         self.sparse_train = d <= SPARSE_MAX_DENSITY_TRAIN
         self.sparse_train_small = d <= SPARSE_MAX_DENSITY_TRAIN_SMALL
+        # The sparse kernels need in_features > 0 and out_features > 0 (an empty layer runs dense).
+        self.sparse_ok = mask.numel() > 0
+        if not self.sparse_ok:
+            self.sparse_b1 = self.sparse_bn = self.sparse_train = self.sparse_train_small = False
 
 
 class _Packed:
@@ -590,7 +594,7 @@ class MaskedSparseLinear(nn.Module):
                                     or (bias is not None and bias.requires_grad))
         forced = _FORCED_PATH
         if forced is not None:
-            sparse = forced == "sparse"
+            sparse = forced == "sparse" and st.sparse_ok
         elif grad:
             sparse = st.sparse_train if input.numel() >= 64 * self.in_features else st.sparse_train_small
         else:
@@ -625,7 +629,7 @@ class MaskedSparseLinear(nn.Module):
                                     or (bias is not None and bias.requires_grad))
         forced = _FORCED_PATH
         if forced is not None:
-            sparse = forced == "sparse"
+            sparse = forced == "sparse" and st.sparse_ok
         elif grad:
             sparse = st.sparse_train if input.numel() >= 64 * self.in_features else st.sparse_train_small
         else:

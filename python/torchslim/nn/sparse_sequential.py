@@ -96,6 +96,8 @@ def _fusable(m, previous) -> bool:
     bias = m.bias
     if bias is not None and (bias.device.type != "cpu" or bias.dtype != w.dtype):
         return False
+    if m.in_features == 0 or m.out_features == 0:  # (the sparse kernels need both)
+        return False
     if _msl._FORCED_PATH is not None:  # torchslim.nn.force_path: "sparse" fuses any layer ("dense" fuses none)
         return _msl._FORCED_PATH == "sparse"
     return m.density <= FUSE_MAX_DENSITY or w.numel() <= FUSE_ANY_DENSITY_NUMEL
