@@ -253,3 +253,31 @@ def test_pack_mask_bits_inside_inference_mode():
     with torch.inference_mode():
         m = _mask(0, 0.5, (3, 13))
         assert pack_mask_bits(m).shape == (3, 2)
+
+
+def test_codebook_small_entry_points_inside_inference_mode():
+    with torch.inference_mode():
+        layer = CodebookLinear(9, 4, num_clusters=16, zero_pinned=True)
+        layer.reset_parameters()
+        assert layer.labels().shape == (4, 9) and layer.bits == 4 and layer.packed
+        assert float(layer.effective_codebook()[0]) == 0.0
+        assert "K=16" in repr(layer)
+
+
+def test_functional_ops_inside_inference_mode():
+    from torchslim import ops
+    from torchslim.ops._reference import pack_int4, ref_masked_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 300, generator=g)
+    w = torch.randn(200, 300, generator=g)
+    mask = _mask(0)
+    b = torch.randn(200, generator=g)
+    labels = torch.randint(0, 16, (200, 300), generator=g, dtype=torch.uint8)
+    cb = torch.randn(16, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(ops.masked_linear(x, w, mask, b).double(),
+                                   ref_masked_linear(x.double(), w.double(), mask, b.double()), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ops.codebook_linear(x, pack_int4(labels), cb, b).double(),
+                                   ref_codebook_linear(x.double(), labels, cb.double(), b.double()),
+                                   rtol=1e-5, atol=1e-5)
