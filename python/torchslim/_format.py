@@ -455,7 +455,6 @@ def _dec_codebook(reader: Reader, path: str, node: dict, deploy: bool) -> nn.Mod
     if not isinstance(meta, dict) or meta != {"k": k, "dtype": node["dtype"]}:
         raise reader.err(where, f"codebook {key[:40]!r} is not declared with k={k}, dtype={node['dtype']}")
     numel = in_f * out_f
-    reader.charge(where, 2 * numel)
     if key not in reader.codebooks:
         cb = reader.tensor(where, f"{PREFIX}codebook/{key}", (k,), dtype)
         reader.codebooks[key] = nn.Parameter(cb.clone()) if not (deploy or deployed_in_file) else cb.clone()
@@ -466,6 +465,7 @@ def _dec_codebook(reader: Reader, path: str, node: dict, deploy: bool) -> nn.Mod
     row_bytes = (in_f + 1) // 2 if packed else in_f
     sparse = None
     if node["enc"] == "dense":
+        reader.charge(where, 3 * numel)
         raw = reader.stream(where, node["codes"], "codes", exact_len=row_bytes * out_f)
         stored = np.frombuffer(raw, dtype=np.uint8).reshape(out_f, row_bytes)
         if packed and in_f % 2 and out_f and int(stored[:, -1].max()) >> 4:
@@ -488,6 +488,16 @@ def _dec_codebook(reader: Reader, path: str, node: dict, deploy: bool) -> nn.Mod
             raise reader.err(where, "the padding nibble of the packed codes is not zero")
         if nnz and int(kept.min()) == 0:
             raise reader.err(where, "sparse layout stores index 0 (the pruned code) at a kept position")
+        if nnz and int(kept.max()) >= k:
+            raise reader.err(where, f"cluster index {int(kept.max())} out of range for k={k}")
+        if deploy and not deployed_in_file:  # straight to the deployed form: no dense [out, in] array
+            eff = codebook.detach().clone()
+            eff[0] = 0.0
+            bias = _bias(reader, where, path, node, dtype)
+            with torch.inference_mode(False):
+                return deploy_pinned_codebook(in_f, out_f, None, eff, None if bias is None else bias.clone(), dtype,
+                                              (row_ptr, cols, kept))
+        reader.charge(where, 3 * numel)
         labels = torch.zeros(numel, dtype=torch.uint8)
         labels[_flat(row_ptr, cols, in_f)] = torch.from_numpy(kept.copy())
         labels = labels.view(out_f, in_f)
@@ -539,10 +549,15 @@ def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=No
         kept = labels[keep].numpy()
     else:
         row_ptr, cols, kept = sparse
-    values = codebook.to(acc_dtype(dtype))[torch.from_numpy(np.asarray(kept, dtype=np.int64))]
+    table = codebook.detach().to("cpu", acc_dtype(dtype)).numpy()
+    kept = np.asarray(kept)
+    values = np.empty(kept.size, dtype=table.dtype)
+    step = 1 << 20  # lookups in chunks: numpy's fancy indexing makes an int64 copy of the indices
+    for s in range(0, kept.size, step):
+        values[s:s + step] = table[kept[s:s + step]]
     col_idx = torch.from_numpy(np.asarray(cols, dtype=np.int16 if index_dtype(in_f) == torch.int16 else np.int32))
     return deployed_sparse(in_f, out_f, torch.from_numpy(np.asarray(row_ptr, dtype=np.int32)), col_idx,
-                           values.contiguous(), bias, dtype)
+                           torch.from_numpy(values), bias, dtype)
 
 
 # type -> (encoder, decoder). CodebookLinear is looked up at call time (see codebook_cls).
