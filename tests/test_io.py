@@ -832,3 +832,31 @@ def test_loaded_masked_layers_run_compiled(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     assert loaded[0].last_path == "sparse"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.ReLU(), lambda: nn.Sequential(), lambda: MaskedSparseLinear.from_dense(nn.Linear(5, 3)),
+    lambda: MaskedSparseLinear.from_dense(nn.Linear(0, 3)), lambda: MaskedSparseLinear.from_dense(nn.Linear(3, 0)),
+    lambda: torchslim.nn.CodebookLinear.from_dense(nn.Linear(7, 3), num_clusters=4),
+    lambda: nn.Sequential(nn.Linear(3, 2), nn.Flatten(0, -1))])
+def test_edge_models_roundtrip(make):
+    torch.manual_seed(0)
+    model = make()
+    loaded = tio.load_bytes(tio.save_to_bytes(model))
+    assert type(loaded) is type(model)
+    width = model.in_features if hasattr(model, "in_features") else 3
+    x = torch.randn(2, width)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_root_layer_into_a_skeleton_and_deployed():
+    model = MaskedSparseLinear.from_dense(nn.Linear(5, 3))
+    data = tio.save_to_bytes(model)
+    loaded = tio.load_bytes(data, model=nn.Linear(5, 3, device="meta"))
+    assert isinstance(loaded, MaskedSparseLinear)  # the root replaced: load returns the new module
+    deployed = tio.load_bytes(data, model=nn.Linear(5, 3, device="meta"), deploy=True)
+    x = torch.randn(4, 5)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        torch.testing.assert_close(deployed(x), model(x))

@@ -317,6 +317,8 @@ class Reader:
         if n < min_len or (max_len is not None and n > max_len):
             raise ValueError(f"{what}: stream declares {n} bytes, expected between {min_len} and {max_len}")
         blob = self.tensors.get(STREAMS)
+        if blob is None and off == 0 and size == 0:  # an empty stream (a layer with no rows): no tensor needed
+            blob = torch.empty(0, dtype=torch.uint8)
         if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1:
             raise ValueError(f"{what}: the file has no uint8 {STREAMS!r} tensor")
         if off + size > blob.numel():
