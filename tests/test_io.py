@@ -860,3 +860,19 @@ def test_root_layer_into_a_skeleton_and_deployed():
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
         torch.testing.assert_close(deployed(x), model(x))
+
+
+def test_save_and_load_under_inference_mode_give_trainable_models(tmp_path):
+    model = nn.Sequential(masked_layer(40, 30, 0.2), nn.ReLU(), nn.Linear(30, 5))
+    with torch.inference_mode():
+        torchslim.save(model, tmp_path / "m")
+        loaded = torchslim.load(tmp_path / "m")
+        into = torchslim.load(tmp_path / "m", model=nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 5)))
+    assert not any(t.is_inference() for m in (loaded, into) for t in list(m.parameters()) + list(m.buffers()))
+    x = torch.randn(3, 40)
+    for m in (loaded, into):
+        m.train()
+        m(x).sum().backward()  # outside inference_mode: a training step works
+        assert m[0].weight.grad is not None and bool((m[0].weight.grad[~m[0].mask] == 0).all())
+        with torch.inference_mode():
+            assert torch.equal(m(x), model(x))

@@ -299,21 +299,23 @@ def load(path, model: nn.Module | None = None, *, device=None, deploy: bool = Fa
     src = str(path)
     if not os.path.isfile(src):
         raise ValueError(f"{src}: cannot read (no such file)")
-    header, tensors, size = _open(src, src)
-    return _load(header, tensors, size, src, model, device, deploy, max_numel)
+    with torch.inference_mode(False):  # normal tensors even when called under inference_mode
+        header, tensors, size = _open(src, src)
+        return _load(header, tensors, size, src, model, device, deploy, max_numel)
 
 
 def load_bytes(data: bytes, model: nn.Module | None = None, *, device=None, deploy: bool = False,
                max_numel: int | None = None) -> nn.Module:
     """``load`` from the bytes of a file."""
     fd, tmp = tempfile.mkstemp(suffix=".safetensors")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(bytes(data))
-        header, tensors, size = _open(tmp, "<bytes>")
-    finally:
-        os.unlink(tmp)
-    return _load(header, tensors, size, "<bytes>", model, device, deploy, max_numel)
+    with torch.inference_mode(False):  # normal tensors even when called under inference_mode
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(bytes(data))
+            header, tensors, size = _open(tmp, "<bytes>")
+        finally:
+            os.unlink(tmp)
+        return _load(header, tensors, size, "<bytes>", model, device, deploy, max_numel)
 
 
 def _resolve(model: nn.Module, path: str):
