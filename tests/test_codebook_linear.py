@@ -54,6 +54,7 @@ def test_forward_matches_reference(device, k, packed, batch, in_f):
         torch.testing.assert_close(got.double(), _ref(x, idx, cb, b), **_tol(dtype))
 
 
+@pytest.mark.slow
 def test_every_simd_path():
     """The kernel picks its SIMD body at run time; TORCHSLIM_SIMD caps it (read once per process)."""
     code = (

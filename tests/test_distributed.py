@@ -44,6 +44,8 @@ WORKER_TIMEOUT_S = 90
 PG_TIMEOUT_S = 30
 DTYPE = torch.float64
 
+pytestmark = pytest.mark.slow  # every test here spawns two worker processes
+
 
 # --------------------------------------------------------------------------- scenarios
 
@@ -326,7 +328,6 @@ def test_ddp_gradual_pruner_same_masks(ddp_results):
 EXIT_RUNS = 5
 
 
-@pytest.mark.slow
 def test_ddp_workers_exit_cleanly(tmp_path):
     """The exit race hit 10-30% of plain runs: five spawns of the pair (a collective on a
     torchslim layer, then the documented shutdown) must all exit 0 without an abort."""

@@ -371,6 +371,7 @@ def test_non_contiguous_and_3d_inputs():
 # ---------------------------------------------------------------- SIMD paths
 
 
+@pytest.mark.slow
 def test_every_simd_path_agrees():
     script = textwrap.dedent(
         """

@@ -415,6 +415,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level", ["scalar", "avx2"])
 def test_simd_levels_agree(level):
     # The SIMD level is read once per process, so each capped level runs in a subprocess.
