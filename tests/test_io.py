@@ -876,3 +876,15 @@ def test_save_and_load_under_inference_mode_give_trainable_models(tmp_path):
         assert m[0].weight.grad is not None and bool((m[0].weight.grad[~m[0].mask] == 0).all())
         with torch.inference_mode():
             assert torch.equal(m(x), model(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_deployed_layers_follow_dtype_changes(dtype):
+    model = nn.Sequential(masked_layer(300, 200, 0.1, seed=8)).eval()
+    dep = torchslim.deploy(model).to(dtype)
+    assert dep[0].dtype == dtype and dep[0].values.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    x = torch.randn(2, 300, dtype=dtype)
+    with torch.inference_mode():
+        y = dep(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, model.to(dtype)(x), **({} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-2}))

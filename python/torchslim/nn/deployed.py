@@ -124,6 +124,16 @@ class DeployedSparseLinear(_Deployed):
             return cls(layer.in_features, layer.out_features, st.row_ptr.clone(), st.col_idx.clone(),
                        values.detach().clone(), bias, layer.weight.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .double(): the layer computes in the new dtype; its values
+        # stay in the kernel's accumulation dtype (float32, or float64 for float64 layers).
+        out = super()._apply(fn, recurse)
+        dtype = self._buffers["values"].dtype
+        if dtype.is_floating_point and dtype != _acc_dtype(self.dtype):
+            self.dtype = dtype
+            self._buffers["values"] = self._buffers["values"].to(_acc_dtype(dtype))
+        return out
+
     @property
     def nnz(self) -> int:
         return int(self.col_idx.shape[0])
@@ -254,6 +264,9 @@ class DeployedSequential(nn.Sequential):
         self._build_runs()
 
     def _build_runs(self) -> None:
+        for name in [n for n in self._buffers if n.startswith("_run")]:
+            del self._buffers[name]
+            self._non_persistent_buffers_set.discard(name)
         children = list(self._modules.values())
         runs, i, n = [], 0, len(children)
         while i < n:
@@ -310,6 +323,11 @@ class DeployedSequential(nn.Sequential):
         for name, t in (("plan", torch.tensor(plan, dtype=torch.int64)), ("values", values), ("row_ptr", row_ptr),
                         ("col_idx", col_idx), ("bias", bias)):
             self.register_buffer(f"_run{r}_{name}", t, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._build_runs()  # (a new device or dtype: which layers fuse, and their packed arrays)
+        return out
 
     def forward(self, input):
         runs = self._runs
