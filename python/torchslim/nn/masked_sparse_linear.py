@@ -61,11 +61,13 @@ class _Packed:
 
     __slots__ = ("st", "weight", "version", "ptr", "data")
 
-    def __init__(self, st, weight, data):
+    def __init__(self, st, weight, data, version, ptr):
+        # version / ptr: read before `data` was derived, so an edit racing the derivation
+        # leaves this copy stale-marked (rebuilt next call) rather than trusted.
         self.st = st
         self.weight = weight
-        self.version = weight._version
-        self.ptr = weight.data_ptr()
+        self.version = version
+        self.ptr = ptr
         self.data = data
 
 
@@ -235,12 +237,13 @@ class MaskedSparseLinear(nn.Module):
             pk = self.__dict__[slot]
             if (pk is None or pk.st is not st or pk.weight is not weight or pk.version != weight._version
                     or pk.ptr != weight.data_ptr()):
+                version, ptr = weight._version, weight.data_ptr()
                 with torch.no_grad():
                     if slot == "_pk":
                         data = _ops._masked_gather(weight, st.row_ptr, st.col_idx, False)
                     else:  # "_dw": the masked dense weight for the dense inference path
                         data = _ops._masked_dense(weight, st.mask)
-                pk = _Packed(st, weight, data)
+                pk = _Packed(st, weight, data, version, ptr)
                 self.__dict__[slot] = pk
             return pk.data
 
