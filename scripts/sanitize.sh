@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Builds torchslim._C with AddressSanitizer + UndefinedBehaviorSanitizer into build/asan,
-# stages it with a copy of the Python package, and runs the op tests under it.
+# stages it with a copy of the Python package, and runs the op tests under it: well-formed
+# inputs (the op tests, the fuzz tests), hostile structures (test_internal_ops.py:
+# inconsistent / tampered structures, edits behind the version counter, extreme
+# _sparse_mlp plans) and concurrent mask edits during forward/backward (test_concurrency.py).
 # Any sanitizer report fails the run (halt_on_error). Usage:
 #   PYTHON=.venv/bin/python bash scripts/sanitize.sh [pytest args, default: the op tests]
 set -euo pipefail
@@ -23,7 +26,8 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1:protect_shadow_gap=0
 export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 if [ $# -eq 0 ]; then
-  set -- tests/test_masked_linear.py tests/test_codebook_linear.py tests/test_kd_loss.py tests/test_fuzz.py
+  set -- tests/test_masked_linear.py tests/test_codebook_linear.py tests/test_kd_loss.py tests/test_fuzz.py \
+    tests/test_internal_ops.py tests/test_concurrency.py
   for f in "$@"; do [ -e "$f" ] || { echo "sanitize: $f missing"; exit 1; }; done
 fi
 PYTHONPATH="$STAGE" TORCHSLIM_SANITIZE=1 "$PY" -m pytest -q -p no:cacheprovider -x "$@"

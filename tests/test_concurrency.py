@@ -12,6 +12,7 @@ import contextlib
 import copy
 import pickle
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,6 +22,8 @@ from torch import nn
 from torchslim import ops
 from torchslim.nn import CodebookLinear, KDLoss, MaskedSparseLinear
 from torchslim.ops._reference import pack_int4, ref_codebook_linear, ref_kd_kl_div, ref_masked_linear
+
+ops_torch = torch.ops.torchslim
 
 IN, OUT = 67, 45
 THREADS = 8
@@ -371,3 +374,137 @@ def test_cuda_codebook_backward_deterministic_or_clear_error(packed, determinist
             return
         grads.append(grad)
     assert all(torch.equal(gr, grads[0]) for gr in grads)
+
+
+# --------------------------------------------------------------------------- concurrent mask edits
+#
+# What a forward may observe while another thread edits the layer (README, "Guarantees"):
+# a forward that overlaps an edit computes with the state before it, after it, or (as
+# nn.Linear under a concurrent in-place update) a mix of the two; it never crashes or
+# touches memory outside its tensors, and every forward that starts after the edit
+# returned sees the new state. scripts/sanitize.sh runs these under ASan + UBSan.
+
+EDIT_ROUNDS = 120
+
+
+def _structure_consistent(mask_shape, row_ptr, col_idx, t_row_ptr, t_col_idx):
+    """Both forms describe one and the same mask (whichever the snapshot caught)."""
+    n, k = mask_shape
+    nnz = col_idx.numel()
+    assert int(row_ptr[0]) == 0 and int(row_ptr[-1]) == nnz
+    assert int(t_row_ptr[0]) == 0 and int(t_row_ptr[-1]) == nnz == t_col_idx.numel()
+    rows = torch.repeat_interleave(torch.arange(n), row_ptr.diff().long())
+    cols = torch.repeat_interleave(torch.arange(k), t_row_ptr.diff().long())
+    a = torch.zeros(n, k, dtype=torch.bool)
+    a[rows, col_idx.long()] = True
+    b = torch.zeros(n, k, dtype=torch.bool)
+    b[t_col_idx.long(), cols] = True
+    assert torch.equal(a, b) and int(a.sum()) == nnz
+
+
+def _run_with_editor(readers, edit, rounds=EDIT_ROUNDS, reader_rounds=EDIT_ROUNDS // 4):
+    """Runs the reader functions in threads while a fourth thread calls `edit(i)`, until the
+    editor made `rounds` edits and every reader finished `reader_rounds` calls (so edits and
+    reads interleave whatever the scheduler does); re-raises the first exception."""
+    stop = threading.Event()
+    errors = []
+    counts = [0] * len(readers)
+
+    def reader(j, fn):
+        try:
+            while not stop.is_set():
+                fn()
+                counts[j] += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            stop.set()
+
+    def editor():
+        try:
+            i = 0
+            deadline = time.monotonic() + THREAD_TIMEOUT_S
+            while not stop.is_set() and (i < rounds or min(counts) < reader_rounds) and time.monotonic() < deadline:
+                edit(i)
+                i += 1
+                time.sleep(0)  # let a reader take the GIL between two edits
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=reader, args=(j, fn)) for j, fn in enumerate(readers)]
+    threads.append(threading.Thread(target=editor))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=THREAD_TIMEOUT_S * 2)
+    assert not any(t.is_alive() for t in threads), "a thread hung"
+    if errors:
+        raise errors[0]
+    assert min(counts) >= reader_rounds, f"readers ran {counts} times (editor hit the time limit)"
+
+
+def test_structure_build_while_the_mask_changes():
+    """_masked_structure counts and then fills: built from a snapshot, both passes and both
+    forms see the same mask even when another thread rewrites it meanwhile."""
+    g = torch.Generator().manual_seed(21)
+    n, k = 160, 130
+    masks = [torch.rand(n, k, generator=g) < 0.05, torch.rand(n, k, generator=g) < 0.6]
+    mask = masks[0].clone()
+    def build():
+        st = ops_torch._masked_structure(mask)
+        _structure_consistent((n, k), *st)
+        perm = ops_torch._masked_structure_perm(st[0], st[1], st[2])
+        assert perm.numel() == st[1].numel()
+
+    _run_with_editor([build, build, build], lambda i: mask.copy_(masks[(i + 1) % 2]), rounds=4 * EDIT_ROUNDS,
+                     reader_rounds=EDIT_ROUNDS)
+
+
+@pytest.mark.parametrize("edit_kind", ["set_mask", "load_state_dict"])
+def test_forward_backward_while_another_thread_edits(edit_kind):
+    """Three threads run forward (no_grad), forward+backward and forward+backward with an
+    input gradient on one layer while a fourth calls set_mask / load_state_dict."""
+    torch.manual_seed(5)
+    n, k = 96, 140
+    layer = MaskedSparseLinear.from_dense(nn.Linear(k, n), mask=torch.rand(n, k) < 0.1)
+    g = torch.Generator().manual_seed(6)
+    masks = [torch.rand(n, k, generator=g) < d for d in (0.08, 0.15)]
+    states = []
+    for m in masks:
+        other = MaskedSparseLinear.from_dense(nn.Linear(k, n), mask=m)
+        states.append({name: t.clone() for name, t in other.state_dict().items()})
+    xs = [torch.randn(b, k, generator=g) for b in (1, 3, 8)]
+    paths = set()
+
+    def infer():
+        with torch.no_grad():
+            for x in xs:
+                y = layer(x)
+                assert y.shape == (x.shape[0], n) and torch.isfinite(y).all()
+                paths.add(layer.last_path)
+
+    def train():
+        y = layer(xs[2])
+        y.square().sum().backward()
+        assert torch.isfinite(layer.weight.grad).all()
+
+    def train_input():
+        x = xs[1].clone().requires_grad_()
+        (layer(x) * 0.5).sum().backward()
+        assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+
+    if edit_kind == "set_mask":
+        def edit(i):
+            layer.set_mask(masks[i % 2])
+    else:
+        def edit(i):
+            layer.load_state_dict(states[i % 2])
+
+    _run_with_editor([infer, train, train_input], edit)
+    assert "sparse" in paths  # the structure ops, not only the dense fallback, ran under the edits
+    # After the editor finished, every forward sees its last state.
+    layer.zero_grad()
+    for x in xs:
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).double(), _reference(layer, x), **_tolerance(layer, x))

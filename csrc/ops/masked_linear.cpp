@@ -16,10 +16,17 @@
 //       -> (grad_input, grad_weight): one transpose of grad_output serves both; grad_weight
 //          is dense-shaped, computed only at the kept positions, zero elsewhere
 // The structure ops check shapes, dtypes, devices and the row_ptr end points on every call,
-// and every index (row_ptr non-decreasing, col_idx within range) once per structure: a
-// structure that passed is remembered until it is written to or freed (validated.h), so a
-// cached structure costs no pass over its indices per call while a hand-made or edited one
-// is checked before any kernel reads it.
+// and every index (row_ptr non-decreasing, col_idx within range, int16 only for extents up
+// to 32767) once per structure: a structure that passed is remembered until it is written
+// to or freed (validated.h), so a cached structure costs no pass over its indices per call
+// while a hand-made or edited one is checked before any kernel reads it. Edits that bypass
+// the version counter (.numpy(), .data, another thread mid-call) cannot make a kernel read
+// or write out of bounds: the kernels clamp every pointer and index they read (see "Safe
+// reads" in kernels/cpu/masked_linear.h; the CUDA kernels do the same).
+//
+// Masks are user-visible and may change while a call runs (another thread's set_mask or
+// load_state_dict): a structure is built from a private snapshot of the mask, so its two
+// passes (count, then fill) and its row and column forms see one and the same mask.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -118,9 +125,10 @@ void check_values(const char* op, const Tensor& values, const Tensor& col_idx, a
 
 // ---------------------------------------------------------------- CPU building blocks
 
-// CSR of the mask by rows (transposed=false) or by columns (transposed=true).
-std::tuple<Tensor, Tensor> build_structure_cpu(const Tensor& mask_in, bool transposed) {
-  const Tensor mask = mask_in.contiguous();
+// CSR of the mask by rows (transposed=false) or by columns (transposed=true). mask must be a
+// contiguous snapshot no one else can write (see snapshot_mask): the build reads it twice.
+std::tuple<Tensor, Tensor> build_structure_cpu(const Tensor& mask, bool transposed) {
+  TORCH_INTERNAL_ASSERT(mask.is_contiguous());
   const int64_t rows = mask.size(0), cols = mask.size(1);
   const int64_t n = transposed ? cols : rows;   // rows of the structure
   const int64_t extent = transposed ? rows : cols;  // range of its indices
@@ -171,7 +179,12 @@ void with_acc(at::ScalarType acc, F&& f) {
 // Every index of a structure within range before any kernel reads it (see the header
 // comment); extent is the range of col_idx.
 void check_indices(const char* op, const Tensor& row_ptr, const Tensor& col_idx, int64_t extent) {
+  // int16 indices only where every valid index fits: a negative int16 read as unsigned
+  // must not pass for an in-range one.
+  TORCH_CHECK(col_idx.scalar_type() == at::kInt || extent <= 32767, op, ": col_idx is int16 but its extent is ",
+              extent, "; int16 indices serve extents up to 32767, use int32");
   if (known_valid({&row_ptr, &col_idx}, extent)) return;
+  count_index_check();
   const int64_t rows = row_ptr.size(0) - 1;
   if (row_ptr.device().is_cpu()) {
     mk::CsrCheck c;
@@ -202,15 +215,17 @@ Tensor gather_cpu(const Tensor& weight, const Tensor& row_ptr, const Tensor& col
   Tensor values = at::empty({col_idx.size(0)}, w.options());
   const int64_t n = row_ptr.size(0) - 1;
   const int64_t ld = w.size(1);
+  const int64_t nnz = col_idx.size(0);
+  const int64_t extent = transposed ? w.size(0) : w.size(1);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   with_acc(acc, [&](auto zero) {
     using T = decltype(zero);
     const T* wp = w.data_ptr<T>();
     T* vp = values.data_ptr<T>();
     with_index(col_idx, [&](auto* ci) {
-      at::parallel_for(0, n, grain_rows(col_idx.size(0), n, 1), [&](int64_t r0, int64_t r1) {
-        if (transposed) mk::gather(wp, 1, ld, rp, ci, vp, r0, r1);
-        else mk::gather(wp, ld, 1, rp, ci, vp, r0, r1);
+      at::parallel_for(0, n, grain_rows(nnz, n, 1), [&](int64_t r0, int64_t r1) {
+        if (transposed) mk::gather(wp, 1, ld, rp, ci, nnz, extent, vp, r0, r1);
+        else mk::gather(wp, ld, 1, rp, ci, nnz, extent, vp, r0, r1);
       });
     });
   });
@@ -266,7 +281,7 @@ Tensor spmm_acc(const Tensor& x, const Tensor& xt, const Tensor& values, const T
       T* yp = y.data_ptr<T>();
       with_index(col_idx, [&](auto* ci) {
         at::parallel_for(0, N, grain_rows(nnz, N, 1),
-                         [&](int64_t r0, int64_t r1) { mk::spmv(xp, rp, ci, vp, bp, yp, r0, r1); });
+                         [&](int64_t r0, int64_t r1) { mk::spmv(xp, rp, ci, vp, nnz, K, bp, yp, r0, r1); });
       });
     });
   } else {
@@ -280,7 +295,7 @@ Tensor spmm_acc(const Tensor& x, const Tensor& xt, const Tensor& values, const T
       T* yp = yt.data_ptr<T>();
       with_index(col_idx, [&](auto* ci) {
         at::parallel_for(0, N, grain_rows(nnz, N, nbp), [&](int64_t r0, int64_t r1) {
-          mk::spmm_t(xp, nbp, nbp, rp, ci, vp, bp, yp, nbp, r0, r1);
+          mk::spmm_t(xp, nbp, nbp, rp, ci, vp, nnz, K, bp, yp, nbp, r0, r1);
         });
       });
     });
@@ -293,7 +308,7 @@ Tensor spmm_acc(const Tensor& x, const Tensor& xt, const Tensor& values, const T
     T* yp = y.data_ptr<T>();
     with_index(col_idx, [&](auto* ci) {
       at::parallel_for(0, B, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(K, 1)), [&](int64_t b0, int64_t b1) {
-        mk::nonfinite_fixup(xp, K, K, rp, ci, N, yp, N, b0, b1);
+        mk::nonfinite_fixup(xp, K, K, rp, ci, nnz, N, yp, N, b0, b1);
       });
     });
   });
@@ -353,7 +368,7 @@ std::tuple<Tensor, Tensor> backward_cpu(const Tensor& g2d, const Tensor& x2d, co
         T* dp = dw.data_ptr<T>();
         with_index(col_idx, [&](auto* ci) {
           at::parallel_for(0, N, grain_rows(col_idx.size(0), N, nbp), [&](int64_t r0, int64_t r1) {
-            mk::sddmm_t(gp, nbp, xp, nbp, nbp, rp, ci, dp, K, K, r0, r1);
+            mk::sddmm_t(gp, nbp, xp, nbp, nbp, rp, ci, col_idx.size(0), dp, K, K, r0, r1);
           });
         });
       });
@@ -434,10 +449,16 @@ std::tuple<Tensor, Tensor> build_structure_cuda(const Tensor& mask, bool transpo
 Tensor gather_cuda(const Tensor& weight, const Tensor& row_ptr, const Tensor& col_idx, bool transposed) {
   const at::ScalarType acc = acc_type(weight.scalar_type());
   const Tensor w = weight.contiguous();
-  const int64_t n = row_ptr.size(0) - 1;
-  Tensor rows = at::repeat_interleave(at::arange(n, row_ptr.options().dtype(at::kLong)),
-                                      row_ptr.diff().to(at::kLong), col_idx.size(0));
+  const int64_t n = row_ptr.size(0) - 1, nnz = col_idx.size(0);
+  const int64_t extent = transposed ? w.size(0) : w.size(1);
+  if (n == 0 || extent == 0 || nnz == 0) return at::zeros({nnz}, w.options().dtype(acc));
+  // Row of each entry by a search of row_ptr, and columns clamped: in range whatever the
+  // structure holds now (see "Safe reads" in kernels/cuda/masked_linear.h).
+  Tensor rows = at::searchsorted(row_ptr.narrow(0, 1, n), at::arange(nnz, row_ptr.options()), /*out_int32=*/false,
+                                 /*right=*/true)
+                    .clamp_max_(n - 1);
   Tensor cols = col_idx.to(at::kLong);
+  cols.masked_fill_(cols < 0, extent - 1).clamp_max_(extent - 1);  // negative: the last, as on the CPU
   Tensor flat = transposed ? cols * w.size(1) + rows : rows * w.size(1) + cols;
   return w.view(-1).index_select(0, flat).to(acc);
 }
@@ -463,8 +484,8 @@ Tensor spmm_cuda(const Tensor& x2d, const Tensor& values, const Tensor& row_ptr,
   const Tensor xt = B == 1 ? x2d.contiguous() : x2d.t().contiguous();
   Tensor yt = at::empty({N, B}, x2d.options());
   cuda::masked::spmm_t(cuda_dtype(x2d.scalar_type()), xt.data_ptr(), B, values.data_ptr(), row_ptr.data_ptr<int32_t>(),
-                       col_idx.data_ptr(), col_idx.scalar_type() == at::kShort, b.defined() ? b.data_ptr() : nullptr,
-                       yt.data_ptr(), N, current_stream(x2d.device()));
+                       col_idx.data_ptr(), col_idx.scalar_type() == at::kShort, col_idx.size(0), x2d.size(1),
+                       b.defined() ? b.data_ptr() : nullptr, yt.data_ptr(), N, current_stream(x2d.device()));
   return B == 1 ? yt.view({1, N}) : yt.t().contiguous();
 }
 
@@ -477,17 +498,27 @@ Tensor sddmm_cuda(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, c
   const Tensor gt = g2d.t().contiguous();
   cuda::masked::sddmm_t(cuda_dtype(x2d.scalar_type()), gt.data_ptr(), xt.data_ptr(), B, N, K,
                         row_ptr.data_ptr<int32_t>(), col_idx.data_ptr(), col_idx.scalar_type() == at::kShort,
-                        dw.data_ptr(), current_stream(x2d.device()));
+                        col_idx.size(0), dw.data_ptr(), current_stream(x2d.device()));
   return dw;
 }
 #endif
 
-std::tuple<Tensor, Tensor> build_structure(const Tensor& mask, bool transposed) {
+// A private contiguous copy of the mask: every pass of a build reads the same mask even
+// if another thread edits the module's mask meanwhile (a bool [out, in] copy is cheap next
+// to the build).
+Tensor snapshot_mask(const Tensor& mask) { return mask.clone(at::MemoryFormat::Contiguous); }
+
+// CSR of a snapshot (see snapshot_mask).
+std::tuple<Tensor, Tensor> build_from_snapshot(const Tensor& snap, bool transposed) {
 #ifdef TORCHSLIM_WITH_CUDA
-  if (mask.is_cuda()) return build_structure_cuda(mask, transposed);
+  if (snap.is_cuda()) return build_structure_cuda(snap, transposed);
 #endif
-  TORCH_CHECK(mask.is_cpu(), "masked_linear: unsupported device ", mask.device());
-  return build_structure_cpu(mask, transposed);
+  TORCH_CHECK(snap.is_cpu(), "masked_linear: unsupported device ", snap.device());
+  return build_structure_cpu(snap, transposed);
+}
+
+std::tuple<Tensor, Tensor> build_structure(const Tensor& mask, bool transposed) {
+  return build_from_snapshot(snapshot_mask(mask), transposed);
 }
 
 Tensor gather_any(const Tensor& weight, const Tensor& row_ptr, const Tensor& col_idx, bool transposed) {
@@ -584,39 +615,56 @@ Tensor masked_linear_grad_weight(const Tensor& grad_output, const Tensor& input,
 std::tuple<Tensor, Tensor, Tensor, Tensor> masked_structure(const Tensor& mask) {
   TORCH_CHECK(mask.dim() == 2, "_masked_structure: mask must be 2-D [out_features, in_features], got shape ", mask.sizes());
   TORCH_CHECK(mask.scalar_type() == at::kBool, "_masked_structure: mask must be a bool tensor, got ", mask.scalar_type());
-  auto [ptr, idx] = build_structure(mask, false);
-  auto [t_ptr, t_idx] = build_structure(mask, true);
+  // One snapshot for both forms, so that they describe the same mask.
+  const Tensor snap = snapshot_mask(mask);
+  auto [ptr, idx] = build_from_snapshot(snap, false);
+  auto [t_ptr, t_idx] = build_from_snapshot(snap, true);
   return {ptr, idx, t_ptr, t_idx};
 }
 
 // t_perm[j] = position in the row structure of the j-th entry of the column structure, so
 // that the transposed values are values[t_perm] (no strided pass over the dense weight).
+// Runs once per structure build, so it checks everything on every call: the row structure
+// (row_ptr from 0 to nnz, non-decreasing, col_idx in [0, cols)), t_row_ptr (from 0 to nnz,
+// non-decreasing) and that t_row_ptr gives every column as many entries as col_idx has.
 Tensor masked_structure_perm(const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr) {
-  check_structure("_masked_structure_perm", row_ptr, col_idx, row_ptr.device());
+  const char* op = "_masked_structure_perm";
+  check_structure(op, row_ptr, col_idx, row_ptr.device());
   TORCH_CHECK(t_row_ptr.dim() == 1 && t_row_ptr.size(0) >= 1 && t_row_ptr.scalar_type() == at::kInt &&
                   t_row_ptr.device() == row_ptr.device() && t_row_ptr.is_contiguous(),
-              "_masked_structure_perm: t_row_ptr must be a contiguous 1-D int32 tensor on ", row_ptr.device());
-  const int64_t n = row_ptr.size(0) - 1, cols = t_row_ptr.size(0) - 1;
-  Tensor perm;
+              op, ": t_row_ptr must be a contiguous 1-D int32 tensor of length in_features + 1 on ", row_ptr.device(),
+              ", got ", t_row_ptr.scalar_type(), " of shape ", t_row_ptr.sizes(), " on ", t_row_ptr.device());
+  const int64_t n = row_ptr.size(0) - 1, cols = t_row_ptr.size(0) - 1, nnz = col_idx.size(0);
+  check_indices(op, row_ptr, col_idx, cols);
 #ifdef TORCHSLIM_WITH_CUDA
   if (row_ptr.is_cuda()) {
-    // Entries in row order, sorted by (column, row): the column structure's order.
-    Tensor rows = at::repeat_interleave(at::arange(n, row_ptr.options().dtype(at::kLong)),
-                                        row_ptr.diff().to(at::kLong), col_idx.size(0));
+    TORCH_CHECK(t_row_ptr[0].item<int64_t>() == 0 && t_row_ptr[cols].item<int64_t>() == nnz, op,
+                ": t_row_ptr must start at 0 and end at nnz = ", nnz);
+    const Tensor t_counts = t_row_ptr.diff().to(at::kLong);
+    TORCH_CHECK(cols == 0 || (t_counts >= 0).all().item<bool>(), op, ": t_row_ptr must be non-decreasing");
+    TORCH_CHECK(nnz == 0 || at::equal(at::bincount(col_idx.to(at::kLong), {}, cols), t_counts), op,
+                ": t_row_ptr does not match the column counts of col_idx");
+    // Entries in row order, sorted by (column, row): the column structure's order. Rows
+    // from a search of row_ptr (always in range, unlike a repeat of its differences).
+    Tensor rows = at::searchsorted(row_ptr.narrow(0, 1, n), at::arange(nnz, row_ptr.options()), /*out_int32=*/false,
+                                   /*right=*/true)
+                      .clamp_max_(std::max<int64_t>(n - 1, 0));
     Tensor key = col_idx.to(at::kLong) * n + rows;
     return std::get<1>(key.sort(/*stable=*/true, 0, false)).to(at::kInt);
   }
 #endif
   const int32_t* tp = t_row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK(tp[0] == 0 && tp[cols] == col_idx.size(0), "_masked_structure_perm: t_row_ptr must start at 0 and end at nnz = ",
-              col_idx.size(0));
-  perm = at::empty({col_idx.size(0)}, row_ptr.options());
+  TORCH_CHECK(tp[0] == 0 && tp[cols] == nnz, op, ": t_row_ptr must start at 0 and end at nnz = ", nnz, ", got ", tp[0],
+              " and ", tp[cols]);
+  for (int64_t c = 0; c < cols; ++c) {
+    TORCH_CHECK(tp[c + 1] >= tp[c], op, ": t_row_ptr decreases after column ", c, " (", tp[c], " then ", tp[c + 1], ")");
+  }
+  Tensor perm = at::empty({nnz}, row_ptr.options());
+  bool ok = false;
   with_index(col_idx, [&](auto* ci) {
-    for (int64_t k = 0; k < col_idx.size(0); ++k) {
-      TORCH_CHECK(ci[k] >= 0 && ci[k] < cols, "_masked_structure_perm: col_idx entry ", ci[k], " outside [0, ", cols, ")");
-    }
-    mk::transpose_perm(row_ptr.data_ptr<int32_t>(), ci, n, tp, cols, perm.data_ptr<int32_t>());
+    ok = mk::transpose_perm(row_ptr.data_ptr<int32_t>(), ci, n, tp, cols, nnz, perm.data_ptr<int32_t>());
   });
+  TORCH_CHECK(ok, op, ": t_row_ptr does not match the column counts of col_idx (or the structure changed during the call)");
   return perm;
 }
 
@@ -663,13 +711,14 @@ Tensor masked_dense(const Tensor& weight, const Tensor& mask) {
   return masked_dense_weight(weight, mask);
 }
 
-Tensor masked_spmm(const Tensor& input, const Tensor& values, const Tensor& row_ptr, const Tensor& col_idx,
+Tensor masked_spmm(const Tensor& input, const Tensor& values_in, const Tensor& row_ptr, const Tensor& col_idx,
                    const std::optional<Tensor>& bias) {
   TORCH_CHECK(input.dim() >= 1 && is_floating(input.scalar_type()),
               "_masked_spmm: input must be a floating tensor [..., in_features], got ", input.scalar_type(), " of shape ",
               input.sizes());
   check_structure("_masked_spmm", row_ptr, col_idx, input.device());
-  check_values("_masked_spmm", values, col_idx, input.scalar_type(), input.device());
+  check_values("_masked_spmm", values_in, col_idx, input.scalar_type(), input.device());
+  const Tensor values = values_in.contiguous();  // the kernels read values[k] densely
   const int64_t N = row_ptr.size(0) - 1, K = input.size(-1);
   TORCH_CHECK(col_idx.scalar_type() == index_type_for(K) || col_idx.scalar_type() == at::kInt,
               "_masked_spmm: col_idx of ", col_idx.scalar_type(), " cannot index in_features = ", K);
@@ -689,7 +738,7 @@ Tensor masked_spmm(const Tensor& input, const Tensor& values, const Tensor& row_
   return lead_reshape(spmm_any(x2d, values, row_ptr, col_idx, bias), input, N);
 }
 
-std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tensor& input, const Tensor& values_t,
+std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tensor& input, const Tensor& values_t_in,
                                            const Tensor& row_ptr, const Tensor& col_idx, const Tensor& t_row_ptr,
                                            const Tensor& t_col_idx, bool need_input, bool need_weight) {
   TORCH_CHECK(input.dim() >= 1 && is_floating(input.scalar_type()) && grad_output.scalar_type() == input.scalar_type(),
@@ -699,7 +748,8 @@ std::tuple<Tensor, Tensor> masked_backward(const Tensor& grad_output, const Tens
               grad_output.device(), " and ", input.device());
   check_structure("_masked_backward", row_ptr, col_idx, input.device());
   check_structure("_masked_backward", t_row_ptr, t_col_idx, input.device());
-  check_values("_masked_backward", values_t, t_col_idx, input.scalar_type(), input.device());
+  check_values("_masked_backward", values_t_in, t_col_idx, input.scalar_type(), input.device());
+  const Tensor values_t = values_t_in.contiguous();  // the kernels read values[k] densely
   const int64_t N = row_ptr.size(0) - 1, K = t_row_ptr.size(0) - 1;
   TORCH_CHECK(col_idx.size(0) == t_col_idx.size(0), "_masked_backward: row and column structures differ in size (",
               col_idx.size(0), " vs ", t_col_idx.size(0), ")");

@@ -10,7 +10,10 @@
 // Layer l's CSR is row_ptr[rp_off : rp_off + out + 1] (starting at 0, relative to its
 // entries), col_idx / values from nnz_off, bias[bias_off : bias_off + out]. Every layer's
 // structure is validated (monotone row pointers, column range) before any product reads
-// it: one vectorised pass over the indices, once per structure. No autograd: torchslim.nn.SparseSequential
+// it: one vectorised pass over the indices, once per structure; the plan's offsets and
+// sizes are checked on every call (without overflow, whatever the plan holds), and the
+// kernels clamp what they read, so an index edited behind the version counter gives wrong
+// numbers, never an out-of-bounds access (kernels/cpu/masked_linear.h). No autograd: torchslim.nn.SparseSequential
 // calls this only when no gradient is needed. Non-finite inputs give what the dense
 // layers would give (same fix-up as _masked_spmm).
 #include <ATen/ATen.h>
@@ -43,6 +46,7 @@ constexpr int64_t kRowPathMaxBatch = 2;
 struct Layer {
   int64_t in, out, rp_off, nnz_off, bias_off;
   bool relu;
+  int64_t nnz;  // entries of the layer, read once from its row_ptr (the kernels clamp to it)
 };
 
 // Rows per parallel chunk for a layer of nnz entries times per_entry columns. A layer with
@@ -91,24 +95,29 @@ std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tens
   int64_t width = input.size(-1);
   // The full index check runs once per (plan, row_ptr, col_idx) state (validated.h).
   const bool structure_known_valid = known_valid({&plan, &row_ptr, &col_idx}, 0);
+  if (!structure_known_valid) count_index_check();
   for (int64_t l = 0; l < L; ++l) {
     const int64_t* q = p + l * kPlanCols;
     Layer& y = layers[l];
-    y = Layer{q[0], q[1], q[2], q[3], q[4], q[5] == 1};
+    y = Layer{q[0], q[1], q[2], q[3], q[4], q[5] == 1, 0};
     TORCH_CHECK(y.in == width, op, ": layer ", l, " has in_features ", y.in, " but its input has width ", width,
                 l == 0 ? " (input.shape[-1])" : " (the previous layer's out_features)");
-    TORCH_CHECK(y.out >= 0 && (q[5] == 0 || q[5] == 1), op, ": layer ", l, " has out_features ", y.out,
-                " and activation ", q[5], "; expected out_features >= 0 and activation 0 (none) or 1 (ReLU)");
-    TORCH_CHECK(y.rp_off >= 0 && y.rp_off <= row_ptr.size(0) - (y.out + 1), op, ": layer ", l,
-                " needs row_ptr[", y.rp_off, " : ", y.rp_off + y.out + 1, "], row_ptr has ", row_ptr.size(0),
-                " entries");
+    // Every comparison below is arranged so that no term can overflow, whatever the plan
+    // holds (out_features < row_ptr length bounds every later sum).
+    TORCH_CHECK(y.out >= 0 && y.out < row_ptr.size(0) && (q[5] == 0 || q[5] == 1), op, ": layer ", l,
+                " has out_features ", y.out, " and activation ", q[5],
+                "; expected 0 <= out_features < row_ptr length (", row_ptr.size(0),
+                ") and activation 0 (none) or 1 (ReLU)");
+    TORCH_CHECK(y.rp_off >= 0 && y.rp_off <= row_ptr.size(0) - 1 - y.out, op, ": layer ", l,
+                " needs out_features + 1 = ", y.out + 1, " row_ptr entries from offset ", y.rp_off, ", row_ptr has ",
+                row_ptr.size(0), " entries");
     const int32_t* lrp = rp + y.rp_off;
     TORCH_CHECK(lrp[0] == 0, op, ": layer ", l, ": its row_ptr must start at 0, got ", lrp[0]);
-    const int64_t nnz = lrp[y.out];
-    TORCH_CHECK(y.nnz_off >= 0 && nnz >= 0 && y.nnz_off <= col_idx.size(0) - nnz, op, ": layer ", l, " needs col_idx[",
-                y.nnz_off, " : ", y.nnz_off + nnz, "], col_idx has ", col_idx.size(0), " entries");
+    y.nnz = lrp[y.out];
+    TORCH_CHECK(y.nnz_off >= 0 && y.nnz >= 0 && y.nnz_off <= col_idx.size(0) - y.nnz, op, ": layer ", l, " needs ",
+                y.nnz, " col_idx entries from offset ", y.nnz_off, ", col_idx has ", col_idx.size(0), " entries");
     TORCH_CHECK(y.bias_off == -1 || (y.bias_off >= 0 && y.bias_off <= bias.size(0) - y.out), op, ": layer ", l,
-                " needs bias[", y.bias_off, " : ", y.bias_off + y.out, "], bias has ", bias.size(0),
+                " needs ", y.out, " bias entries from offset ", y.bias_off, ", bias has ", bias.size(0),
                 " entries (bias offset -1 means no bias)");
     TORCH_CHECK(col_idx.scalar_type() == at::kInt || y.in <= 32767, op, ": layer ", l, " has in_features ", y.in,
                 ", which int16 col_idx cannot index; use int32");
@@ -171,15 +180,14 @@ struct Chain {
       if (!last) next.assign(B * y.out, T(0));
       T* dst = last ? out : next.data();
       const int32_t* lrp = layer_rp(y);
-      const int64_t nnz = lrp[y.out];
       for (int64_t b = 0; b < B; ++b) {
         const T* x = h.data() + b * y.in;
         T* o = dst + b * y.out;
-        at::parallel_for(0, y.out, layer_grain(nnz, y.out, kSpmvEntryCost), [&](int64_t r0, int64_t r1) {
-          mk::spmv(x, lrp, layer_ci(y), layer_val(y), layer_bias(y), o, r0, r1);
+        at::parallel_for(0, y.out, layer_grain(y.nnz, y.out, kSpmvEntryCost), [&](int64_t r0, int64_t r1) {
+          mk::spmv(x, lrp, layer_ci(y), layer_val(y), y.nnz, y.in, layer_bias(y), o, r0, r1);
         });
       }
-      mk::nonfinite_fixup(h.data(), y.in, y.in, lrp, layer_ci(y), y.out, dst, y.out, 0, B);
+      mk::nonfinite_fixup(h.data(), y.in, y.in, lrp, layer_ci(y), y.nnz, y.out, dst, y.out, 0, B);
       sm::relu_all_finite(dst, B * y.out, y.relu);
       if (!last) h.swap(next);
     }
@@ -213,8 +221,8 @@ struct Chain {
       }
       const int32_t* lrp = layer_rp(y);
       std::atomic<bool> all_finite{true};
-      at::parallel_for(0, y.out, layer_grain(lrp[y.out], y.out, nbp), [&](int64_t r0, int64_t r1) {
-        mk::spmm_t(ht, nbp, nbp, lrp, layer_ci(y), layer_val(y), layer_bias(y), next, nbp, r0, r1);
+      at::parallel_for(0, y.out, layer_grain(y.nnz, y.out, nbp), [&](int64_t r0, int64_t r1) {
+        mk::spmm_t(ht, nbp, nbp, lrp, layer_ci(y), layer_val(y), y.nnz, y.in, layer_bias(y), next, nbp, r0, r1);
         if (!sm::relu_all_finite(next + r0 * nbp, (r1 - r0) * nbp, y.relu)) all_finite = false;
       });
       finite = all_finite;

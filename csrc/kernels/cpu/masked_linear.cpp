@@ -21,6 +21,32 @@ namespace torchslim {
 namespace cpu {
 namespace masked {
 
+// ---------------------------------------------------------------- safe reads
+
+namespace {
+
+// The clamps of "Safe reads" (masked_linear.h): entry ranges into [0, nnz], indices into
+// [0, last]. extent <= 0 leaves no entry to read.
+struct Bounds {
+  int32_t nnz;
+  uint32_t last;
+  Bounds(int64_t nnz_, int64_t extent)
+      : nnz(extent > 0 ? static_cast<int32_t>(std::clamp<int64_t>(nnz_, 0, std::numeric_limits<int32_t>::max())) : 0),
+        last(extent > 0 ? static_cast<uint32_t>(std::min<int64_t>(extent, int64_t(1) << 32) - 1) : 0) {}
+  // Entries [k0, k1) of row r.
+  inline void range(const int32_t* row_ptr, int64_t r, int32_t& k0, int32_t& k1) const {
+    const int32_t a = row_ptr[r], b = row_ptr[r + 1];
+    k0 = std::clamp(a, int32_t(0), nnz);
+    k1 = std::clamp(b, k0, nnz);
+  }
+  template <typename I>
+  inline int64_t at(I c) const {
+    return std::min(static_cast<uint32_t>(static_cast<std::make_unsigned_t<I>>(c)), last);
+  }
+};
+
+}  // namespace
+
 // ---------------------------------------------------------------- structure
 
 namespace {
@@ -74,7 +100,10 @@ CsrCheck check_csr(const int32_t* row_ptr, int64_t rows, const I* col, int64_t e
     }
   }
   const int64_t nnz = row_ptr[rows];
-  if (nnz > 0 && (extent <= 0 || max_unsigned(col, nnz) >= static_cast<uint64_t>(extent))) {
+  // As unsigned, a negative index is >= 2^(bits-1): cap the extent there so that it fails
+  // the one comparison (an int16 index cannot reach 32768 anyway).
+  const int64_t cap = std::min<int64_t>(extent, int64_t(1) << (8 * sizeof(I) - 1));
+  if (nnz > 0 && (extent <= 0 || max_unsigned(col, nnz) >= static_cast<uint64_t>(cap))) {
     for (int64_t k = 0; k < nnz; ++k) {
       if (col[k] < 0 || col[k] >= extent) {
         out.fault = CsrFault::ColumnOutOfRange;
@@ -162,20 +191,33 @@ void fill_cols(const bool* mask, int64_t rows, int64_t cols, const int32_t* col_
 }
 
 template <typename I>
-void transpose_perm(const int32_t* row_ptr, const I* col, int64_t rows, const int32_t* col_ptr, int64_t cols,
-                    int32_t* perm) {
-  std::vector<int32_t> cursor(col_ptr, col_ptr + cols);
+bool transpose_perm(const int32_t* row_ptr, const I* col, int64_t rows, const int32_t* col_ptr, int64_t cols,
+                    int64_t nnz, int32_t* perm) {
+  // Snapshots: the pointers are read once, each write checked against them.
+  std::vector<int64_t> cursor(col_ptr, col_ptr + cols);
+  std::vector<int64_t> end(col_ptr + 1, col_ptr + cols + 1);
+  int64_t k = 0;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) perm[cursor[col[k]]++] = k;
+    const int64_t e = row_ptr[r + 1];
+    if (e < k || e > nnz) return false;
+    for (; k < e; ++k) {
+      const int64_t c = col[k];
+      if (c < 0 || c >= cols || cursor[c] >= end[c] || cursor[c] < 0 || end[c] > nnz) return false;
+      perm[cursor[c]++] = static_cast<int32_t>(k);
+    }
   }
+  return k == nnz;
 }
 
 template <typename T, typename I>
-void gather(const T* w, int64_t stride_r, int64_t stride_c, const int32_t* row_ptr, const I* col, T* val,
-            int64_t r0, int64_t r1) {
+void gather(const T* w, int64_t stride_r, int64_t stride_c, const int32_t* row_ptr, const I* col, int64_t nnz,
+            int64_t extent, T* val, int64_t r0, int64_t r1) {
+  const Bounds bd(nnz, extent);
   for (int64_t r = r0; r < r1; ++r) {
     const T* wr = w + r * stride_r;
-    for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) val[k] = wr[static_cast<int64_t>(col[k]) * stride_c];
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
+    for (; k < e; ++k) val[k] = wr[bd.at(col[k]) * stride_c];
   }
 }
 
@@ -270,8 +312,9 @@ static bool row_all_finite(const T* x, int64_t K) {
 }
 
 template <typename T, typename I>
-bool nonfinite_fixup(const T* x, int64_t ldx, int64_t K, const int32_t* row_ptr, const I* col, int64_t N, T* y,
-                     int64_t ldy, int64_t b0, int64_t b1) {
+bool nonfinite_fixup(const T* x, int64_t ldx, int64_t K, const int32_t* row_ptr, const I* col, int64_t nnz,
+                     int64_t N, T* y, int64_t ldy, int64_t b0, int64_t b1) {
+  const Bounds bd(nnz, K);
   bool seen = false;
   for (int64_t b = b0; b < b1; ++b) {
     const T* xb = x + b * ldx;
@@ -286,8 +329,10 @@ bool nonfinite_fixup(const T* x, int64_t ldx, int64_t K, const int32_t* row_ptr,
     const T nan = std::numeric_limits<T>::quiet_NaN();
     for (int64_t r = 0; r < N; ++r) {
       bool poison = has_nan;
-      const I* first = col + row_ptr[r];
-      const I* last = col + row_ptr[r + 1];
+      int32_t k0, k1;
+      bd.range(row_ptr, r, k0, k1);
+      const I* first = col + k0;
+      const I* last = col + k1;
       for (size_t i = 0; !poison && i < infs.size(); ++i) {
         poison = !std::binary_search(first, last, static_cast<I>(infs[i]));
       }
@@ -300,26 +345,26 @@ bool nonfinite_fixup(const T* x, int64_t ldx, int64_t K, const int32_t* row_ptr,
 // ---------------------------------------------------------------- scalar bodies
 
 template <typename T, typename I>
-static void spmv_scalar(const T* x, const int32_t* row_ptr, const I* col, const T* val, const T* bias, T* y,
-                        int64_t r0, int64_t r1) {
+static void spmv_scalar(const T* x, const int32_t* row_ptr, const I* col, const T* val, const Bounds& bd,
+                        const T* bias, T* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-    int32_t k = row_ptr[r];
-    const int32_t e = row_ptr[r + 1];
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
     for (; k + 3 < e; k += 4) {
-      a0 += val[k] * x[col[k]];
-      a1 += val[k + 1] * x[col[k + 1]];
-      a2 += val[k + 2] * x[col[k + 2]];
-      a3 += val[k + 3] * x[col[k + 3]];
+      a0 += val[k] * x[bd.at(col[k])];
+      a1 += val[k + 1] * x[bd.at(col[k + 1])];
+      a2 += val[k + 2] * x[bd.at(col[k + 2])];
+      a3 += val[k + 3] * x[bd.at(col[k + 3])];
     }
-    for (; k < e; ++k) a0 += val[k] * x[col[k]];
+    for (; k < e; ++k) a0 += val[k] * x[bd.at(col[k])];
     y[r] = (bias ? bias[r] : T(0)) + ((a0 + a1) + (a2 + a3));
   }
 }
 
 template <typename T, typename I>
 static void spmm_t_scalar(const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr, const I* col,
-                          const T* val, const T* bias, T* yt, int64_t ldy, int64_t r0, int64_t r1) {
+                          const T* val, const Bounds& bd, const T* bias, T* yt, int64_t ldy, int64_t r0, int64_t r1) {
   constexpr int64_t kChunk = 64;
   for (int64_t b0 = 0; b0 < nb; b0 += kChunk) {
     const int64_t w = std::min(kChunk, nb - b0);
@@ -327,9 +372,11 @@ static void spmm_t_scalar(const T* xt, int64_t ldx, int64_t nb, const int32_t* r
       T acc[kChunk];
       const T b = bias ? bias[r] : T(0);
       for (int64_t j = 0; j < w; ++j) acc[j] = b;
-      for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
+      int32_t k, e;
+      bd.range(row_ptr, r, k, e);
+      for (; k < e; ++k) {
         const T v = val[k];
-        const T* p = xt + static_cast<int64_t>(col[k]) * ldx + b0;
+        const T* p = xt + bd.at(col[k]) * ldx + b0;
         for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
       }
       std::memcpy(yt + r * ldy + b0, acc, sizeof(T) * w);
@@ -339,14 +386,17 @@ static void spmm_t_scalar(const T* xt, int64_t ldx, int64_t nb, const int32_t* r
 
 template <typename T, typename I>
 static void sddmm_t_scalar(const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb,
-                           const int32_t* row_ptr, const I* col, T* dw, int64_t ldw, int64_t ncols, int64_t r0,
-                           int64_t r1) {
+                           const int32_t* row_ptr, const I* col, const Bounds& bd, T* dw, int64_t ldw,
+                           int64_t ncols, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     T* d = dw + r * ldw;
     std::fill(d, d + ncols, T(0));
     const T* g = gt + r * ldg;
-    for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
-      const T* p = xt + static_cast<int64_t>(col[k]) * ldx;
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
+    for (; k < e; ++k) {
+      const int64_t c = bd.at(col[k]);
+      const T* p = xt + c * ldx;
       T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
       for (int64_t b = 0; b < nb; b += 4) {  // nb is a multiple of 16
         a0 += g[b] * p[b];
@@ -354,7 +404,7 @@ static void sddmm_t_scalar(const T* gt, int64_t ldg, const T* xt, int64_t ldx, i
         a2 += g[b + 2] * p[b + 2];
         a3 += g[b + 3] * p[b + 3];
       }
-      d[col[k]] = (a0 + a1) + (a2 + a3);
+      d[c] = (a0 + a1) + (a2 + a3);
     }
   }
 }
@@ -373,41 +423,44 @@ TS_AVX2 static inline float hsum256(__m256 v) {
 // eight scalar loads assembled into a vector run at ~1 entry per cycle, with four
 // independent accumulators to hide the FMA latency. Used at the AVX2 and AVX-512 levels.
 template <typename I>
-TS_AVX2 static inline __m256 gather8(const float* x, const I* c) {
-  return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
+TS_AVX2 static inline __m256 gather8(const float* x, const I* c, const Bounds& bd) {
+  return _mm256_setr_ps(x[bd.at(c[0])], x[bd.at(c[1])], x[bd.at(c[2])], x[bd.at(c[3])], x[bd.at(c[4])],
+                        x[bd.at(c[5])], x[bd.at(c[6])], x[bd.at(c[7])]);
 }
 
 template <typename I>
 TS_AVX2 static void spmv_avx2(const float* x, const int32_t* row_ptr, const I* col, const float* val,
-                              const float* bias, float* y, int64_t r0, int64_t r1) {
+                              const Bounds& bd, const float* bias, float* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    int32_t k = row_ptr[r];
-    const int32_t e = row_ptr[r + 1];
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
     for (; k + 32 <= e; k += 32) {
-      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), a0);
-      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), gather8(x, col + k + 8), a1);
-      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), gather8(x, col + k + 16), a2);
-      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), gather8(x, col + k + 24), a3);
+      a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k, bd), a0);
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 8), gather8(x, col + k + 8, bd), a1);
+      a2 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 16), gather8(x, col + k + 16, bd), a2);
+      a3 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k + 24), gather8(x, col + k + 24, bd), a3);
     }
-    for (; k + 8 <= e; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k), a0);
+    for (; k + 8 <= e; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(val + k), gather8(x, col + k, bd), a0);
     float s = hsum256(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; k < e; ++k) s += val[k] * x[col[k]];
+    for (; k < e; ++k) s += val[k] * x[bd.at(col[k])];
     y[r] = (bias ? bias[r] : 0.0f) + s;
   }
 }
 
 template <int NV, typename I>
 TS_AVX2 static void spmm_rows_avx2(const float* xt, int64_t ldx, const int32_t* row_ptr, const I* col,
-                                   const float* val, const float* bias, float* yt, int64_t ldy, int64_t r0,
-                                   int64_t r1) {
+                                   const float* val, const Bounds& bd, const float* bias, float* yt, int64_t ldy,
+                                   int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     __m256 a[NV];
     const __m256 b = _mm256_set1_ps(bias ? bias[r] : 0.0f);
     for (int j = 0; j < NV; ++j) a[j] = b;
-    for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
+    for (; k < e; ++k) {
       const __m256 v = _mm256_set1_ps(val[k]);
-      const float* p = xt + static_cast<int64_t>(col[k]) * ldx;
+      const float* p = xt + bd.at(col[k]) * ldx;
       for (int j = 0; j < NV; ++j) a[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8 * j), a[j]);
     }
     float* o = yt + r * ldy;
@@ -417,35 +470,38 @@ TS_AVX2 static void spmm_rows_avx2(const float* xt, int64_t ldx, const int32_t* 
 
 template <typename I>
 TS_AVX2 static void spmm_t_avx2(const float* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr, const I* col,
-                                const float* val, const float* bias, float* yt, int64_t ldy, int64_t r0,
-                                int64_t r1) {
+                                const float* val, const Bounds& bd, const float* bias, float* yt, int64_t ldy,
+                                int64_t r0, int64_t r1) {
   for (int64_t b0 = 0; b0 < nb; b0 += 64) {
     const int64_t w = std::min<int64_t>(64, nb - b0);  // 16, 32, 48 or 64
     switch (w / 16) {
-      case 4: spmm_rows_avx2<8>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
-      case 3: spmm_rows_avx2<6>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
-      case 2: spmm_rows_avx2<4>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
-      default: spmm_rows_avx2<2>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
+      case 4: spmm_rows_avx2<8>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
+      case 3: spmm_rows_avx2<6>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
+      case 2: spmm_rows_avx2<4>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
+      default: spmm_rows_avx2<2>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
     }
   }
 }
 
 template <typename I>
 TS_AVX2 static void sddmm_t_avx2(const float* gt, int64_t ldg, const float* xt, int64_t ldx, int64_t nb,
-                                 const int32_t* row_ptr, const I* col, float* dw, int64_t ldw, int64_t ncols,
-                                 int64_t r0, int64_t r1) {
+                                 const int32_t* row_ptr, const I* col, const Bounds& bd, float* dw, int64_t ldw,
+                                 int64_t ncols, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     float* d = dw + r * ldw;
     std::memset(d, 0, sizeof(float) * ncols);
     const float* g = gt + r * ldg;
-    for (int32_t k = row_ptr[r]; k < row_ptr[r + 1]; ++k) {
-      const float* p = xt + static_cast<int64_t>(col[k]) * ldx;
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
+    for (; k < e; ++k) {
+      const int64_t c = bd.at(col[k]);
+      const float* p = xt + c * ldx;
       __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
       for (int64_t b = 0; b < nb; b += 16) {
         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(g + b), _mm256_loadu_ps(p + b), a0);
         a1 = _mm256_fmadd_ps(_mm256_loadu_ps(g + b + 8), _mm256_loadu_ps(p + b + 8), a1);
       }
-      d[col[k]] = hsum256(_mm256_add_ps(a0, a1));
+      d[c] = hsum256(_mm256_add_ps(a0, a1));
     }
   }
 }
@@ -454,8 +510,8 @@ TS_AVX2 static void sddmm_t_avx2(const float* gt, int64_t ldg, const float* xt, 
 
 template <int NV, typename I>
 TS_AVX512 static void spmm_rows_avx512(const float* xt, int64_t ldx, const int32_t* row_ptr, const I* col,
-                                       const float* val, const float* bias, float* yt, int64_t ldy, int64_t r0,
-                                       int64_t r1) {
+                                       const float* val, const Bounds& bd, const float* bias, float* yt,
+                                       int64_t ldy, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     __m512 a[NV], c[NV];
     const __m512 b = _mm512_set1_ps(bias ? bias[r] : 0.0f);
@@ -463,13 +519,13 @@ TS_AVX512 static void spmm_rows_avx512(const float* xt, int64_t ldx, const int32
       a[j] = b;
       c[j] = _mm512_setzero_ps();
     }
-    int32_t k = row_ptr[r];
-    const int32_t e = row_ptr[r + 1];
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
     for (; k + 1 < e; k += 2) {
       const __m512 v0 = _mm512_set1_ps(val[k]);
       const __m512 v1 = _mm512_set1_ps(val[k + 1]);
-      const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
-      const float* p1 = xt + static_cast<int64_t>(col[k + 1]) * ldx;
+      const float* p0 = xt + bd.at(col[k]) * ldx;
+      const float* p1 = xt + bd.at(col[k + 1]) * ldx;
       for (int j = 0; j < NV; ++j) {
         a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 16 * j), a[j]);
         c[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 16 * j), c[j]);
@@ -477,7 +533,7 @@ TS_AVX512 static void spmm_rows_avx512(const float* xt, int64_t ldx, const int32
     }
     if (k < e) {
       const __m512 v0 = _mm512_set1_ps(val[k]);
-      const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
+      const float* p0 = xt + bd.at(col[k]) * ldx;
       for (int j = 0; j < NV; ++j) a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 16 * j), a[j]);
     }
     float* o = yt + r * ldy;
@@ -487,35 +543,36 @@ TS_AVX512 static void spmm_rows_avx512(const float* xt, int64_t ldx, const int32
 
 template <typename I>
 TS_AVX512 static void spmm_t_avx512(const float* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr,
-                                    const I* col, const float* val, const float* bias, float* yt, int64_t ldy,
-                                    int64_t r0, int64_t r1) {
+                                    const I* col, const float* val, const Bounds& bd, const float* bias, float* yt,
+                                    int64_t ldy, int64_t r0, int64_t r1) {
   // Batch chunks of 64 outside, rows inside: a chunk of X^T (in_features x 64 floats)
   // stays in L2 while every row of the range streams over it.
   for (int64_t b0 = 0; b0 < nb; b0 += 64) {
     const int64_t w = std::min<int64_t>(64, nb - b0);
     switch (w / 16) {
-      case 4: spmm_rows_avx512<4>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
-      case 3: spmm_rows_avx512<3>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
-      case 2: spmm_rows_avx512<2>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
-      default: spmm_rows_avx512<1>(xt + b0, ldx, row_ptr, col, val, bias, yt + b0, ldy, r0, r1); break;
+      case 4: spmm_rows_avx512<4>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
+      case 3: spmm_rows_avx512<3>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
+      case 2: spmm_rows_avx512<2>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
+      default: spmm_rows_avx512<1>(xt + b0, ldx, row_ptr, col, val, bd, bias, yt + b0, ldy, r0, r1); break;
     }
   }
 }
 
 template <typename I>
 TS_AVX512 static void sddmm_t_avx512(const float* gt, int64_t ldg, const float* xt, int64_t ldx, int64_t nb,
-                                     const int32_t* row_ptr, const I* col, float* dw, int64_t ldw,
-                                     int64_t ncols, int64_t r0, int64_t r1) {
+                                     const int32_t* row_ptr, const I* col, const Bounds& bd, float* dw,
+                                     int64_t ldw, int64_t ncols, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     float* d = dw + r * ldw;
     std::memset(d, 0, sizeof(float) * ncols);
     const float* g = gt + r * ldg;
-    int32_t k = row_ptr[r];
-    const int32_t e = row_ptr[r + 1];
+    int32_t k, e;
+    bd.range(row_ptr, r, k, e);
     // Two entries at a time: independent FMA chains, one reduction each.
     for (; k + 1 < e; k += 2) {
-      const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
-      const float* p1 = xt + static_cast<int64_t>(col[k + 1]) * ldx;
+      const int64_t c0i = bd.at(col[k]), c1i = bd.at(col[k + 1]);
+      const float* p0 = xt + c0i * ldx;
+      const float* p1 = xt + c1i * ldx;
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       __m512 c0 = _mm512_setzero_ps(), c1 = _mm512_setzero_ps();
       int64_t b = 0;
@@ -531,14 +588,15 @@ TS_AVX512 static void sddmm_t_avx512(const float* gt, int64_t ldg, const float* 
         a0 = _mm512_fmadd_ps(g0, _mm512_loadu_ps(p0 + b), a0);
         c0 = _mm512_fmadd_ps(g0, _mm512_loadu_ps(p1 + b), c0);
       }
-      d[col[k]] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-      d[col[k + 1]] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
+      d[c0i] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+      d[c1i] = _mm512_reduce_add_ps(_mm512_add_ps(c0, c1));
     }
     if (k < e) {
-      const float* p0 = xt + static_cast<int64_t>(col[k]) * ldx;
+      const int64_t c0i = bd.at(col[k]);
+      const float* p0 = xt + c0i * ldx;
       __m512 a0 = _mm512_setzero_ps();
       for (int64_t b = 0; b < nb; b += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(g + b), _mm512_loadu_ps(p0 + b), a0);
-      d[col[k]] = _mm512_reduce_add_ps(a0);
+      d[c0i] = _mm512_reduce_add_ps(a0);
     }
   }
 }
@@ -548,41 +606,45 @@ TS_AVX512 static void sddmm_t_avx512(const float* gt, int64_t ldg, const float* 
 // ---------------------------------------------------------------- dispatch
 
 template <typename T, typename I>
-void spmv(const T* x, const int32_t* row_ptr, const I* col, const T* val, const T* bias, T* y, int64_t r0,
-          int64_t r1) {
+void spmv(const T* x, const int32_t* row_ptr, const I* col, const T* val, int64_t nnz, int64_t extent,
+          const T* bias, T* y, int64_t r0, int64_t r1) {
+  const Bounds bd(nnz, extent);
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     const SimdLevel level = simd_level();
-    if (level != SimdLevel::Scalar) return spmv_avx2(x, row_ptr, col, val, bias, y, r0, r1);
+    if (level != SimdLevel::Scalar) return spmv_avx2(x, row_ptr, col, val, bd, bias, y, r0, r1);
   }
 #endif
-  spmv_scalar(x, row_ptr, col, val, bias, y, r0, r1);
+  spmv_scalar(x, row_ptr, col, val, bd, bias, y, r0, r1);
 }
 
 template <typename T, typename I>
-void spmm_t(const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr, const I* col, const T* val,
-            const T* bias, T* yt, int64_t ldy, int64_t r0, int64_t r1) {
+void spmm_t(const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr, const I* col, const T* val, int64_t nnz,
+            int64_t extent, const T* bias, T* yt, int64_t ldy, int64_t r0, int64_t r1) {
+  const Bounds bd(nnz, extent);
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     const SimdLevel level = simd_level();
-    if (level == SimdLevel::AVX512) return spmm_t_avx512(xt, ldx, nb, row_ptr, col, val, bias, yt, ldy, r0, r1);
-    if (level == SimdLevel::AVX2) return spmm_t_avx2(xt, ldx, nb, row_ptr, col, val, bias, yt, ldy, r0, r1);
+    if (level == SimdLevel::AVX512) return spmm_t_avx512(xt, ldx, nb, row_ptr, col, val, bd, bias, yt, ldy, r0, r1);
+    if (level == SimdLevel::AVX2) return spmm_t_avx2(xt, ldx, nb, row_ptr, col, val, bd, bias, yt, ldy, r0, r1);
   }
 #endif
-  spmm_t_scalar(xt, ldx, nb, row_ptr, col, val, bias, yt, ldy, r0, r1);
+  spmm_t_scalar(xt, ldx, nb, row_ptr, col, val, bd, bias, yt, ldy, r0, r1);
 }
 
 template <typename T, typename I>
 void sddmm_t(const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr,
-             const I* col, T* dw, int64_t ldw, int64_t ncols, int64_t r0, int64_t r1) {
+             const I* col, int64_t nnz, T* dw, int64_t ldw, int64_t ncols, int64_t r0, int64_t r1) {
+  const Bounds bd(nnz, ncols);
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     const SimdLevel level = simd_level();
-    if (level == SimdLevel::AVX512) return sddmm_t_avx512(gt, ldg, xt, ldx, nb, row_ptr, col, dw, ldw, ncols, r0, r1);
-    if (level == SimdLevel::AVX2) return sddmm_t_avx2(gt, ldg, xt, ldx, nb, row_ptr, col, dw, ldw, ncols, r0, r1);
+    if (level == SimdLevel::AVX512)
+      return sddmm_t_avx512(gt, ldg, xt, ldx, nb, row_ptr, col, bd, dw, ldw, ncols, r0, r1);
+    if (level == SimdLevel::AVX2) return sddmm_t_avx2(gt, ldg, xt, ldx, nb, row_ptr, col, bd, dw, ldw, ncols, r0, r1);
   }
 #endif
-  sddmm_t_scalar(gt, ldg, xt, ldx, nb, row_ptr, col, dw, ldw, ncols, r0, r1);
+  sddmm_t_scalar(gt, ldg, xt, ldx, nb, row_ptr, col, bd, dw, ldw, ncols, r0, r1);
 }
 
 // ---------------------------------------------------------------- instantiations
@@ -590,17 +652,19 @@ void sddmm_t(const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb, con
 #define TS_INST_I(I)                                                                                        \
   template void fill_rows<I>(const bool*, int64_t, const int32_t*, I*, int64_t, int64_t);                   \
   template void fill_cols<I>(const bool*, int64_t, int64_t, const int32_t*, I*, int64_t, int64_t);            \
-  template void transpose_perm<I>(const int32_t*, const I*, int64_t, const int32_t*, int64_t, int32_t*);
+  template bool transpose_perm<I>(const int32_t*, const I*, int64_t, const int32_t*, int64_t, int64_t, int32_t*);
 
 #define TS_INST_TI(T, I)                                                                                     \
-  template void gather<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, T*, int64_t, int64_t);   \
-  template bool nonfinite_fixup<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, int64_t, T*,       \
-                                      int64_t, int64_t, int64_t);                                           \
-  template void spmv<T, I>(const T*, const int32_t*, const I*, const T*, const T*, T*, int64_t, int64_t);    \
-  template void spmm_t<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, const T*, const T*, T*,  \
-                             int64_t, int64_t, int64_t);                                                    \
-  template void sddmm_t<T, I>(const T*, int64_t, const T*, int64_t, int64_t, const int32_t*, const I*, T*,  \
-                              int64_t, int64_t, int64_t, int64_t);
+  template void gather<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, int64_t, int64_t, T*,  \
+                             int64_t, int64_t);                                                         \
+  template bool nonfinite_fixup<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, int64_t, int64_t, \
+                                      T*, int64_t, int64_t, int64_t);                                      \
+  template void spmv<T, I>(const T*, const int32_t*, const I*, const T*, int64_t, int64_t, const T*, T*,     \
+                           int64_t, int64_t);                                                            \
+  template void spmm_t<T, I>(const T*, int64_t, int64_t, const int32_t*, const I*, const T*, int64_t,       \
+                             int64_t, const T*, T*, int64_t, int64_t, int64_t);                            \
+  template void sddmm_t<T, I>(const T*, int64_t, const T*, int64_t, int64_t, const int32_t*, const I*,      \
+                              int64_t, T*, int64_t, int64_t, int64_t, int64_t);
 
 TS_INST_I(int16_t)
 TS_INST_I(int32_t)

@@ -9,6 +9,15 @@
 // multiple of 16, so every kernel reads whole SIMD vectors. Each kernel handles a row range
 // [r0, r1) so the glue can spread rows over threads; the SIMD body (AVX-512 / AVX2 / scalar)
 // is picked at run time from torchslim::cpu::simd_level().
+//
+// Safe reads. The glue checks a structure once and remembers it (ops/validated.h), but an
+// edit that bypasses the version counter (through .numpy() or .data, or from another
+// thread during a call) can change the indices afterwards. So every kernel that reads a
+// structure takes nnz (the length of col / val) and the extent of the indices, and clamps
+// what it reads: a row's entry range into [0, nnz] and every index into [0, extent - 1]
+// (as unsigned, so a negative index becomes the last one). A tampered structure then
+// gives wrong numbers, never an out-of-bounds access; a well-formed one is unaffected
+// (one min per row and per index, no measurable cost). extent <= 0 reads no entry.
 #pragma once
 #include <cstdint>
 
@@ -51,33 +60,39 @@ template <typename I>
 void fill_cols(const bool* mask, int64_t rows, int64_t cols, const int32_t* col_ptr, I* row, int64_t c0, int64_t c1);
 
 // perm[j] = position in the row structure of the j-th entry of the column structure, so
-// that values_t[j] = values[perm[j]]. col_ptr: the column structure's pointers.
+// that values_t[j] = values[perm[j]]. col_ptr: the column structure's pointers; nnz: the
+// length of col and perm. Every write is bounds-checked against snapshots of the pointers:
+// returns false (perm incomplete) if the structures disagree (a column holds more entries
+// than col_ptr gives it, an index or pointer is out of range); the glue checks them first
+// for a precise error, this keeps a concurrent edit from writing out of bounds.
 template <typename I>
-void transpose_perm(const int32_t* row_ptr, const I* col, int64_t rows, const int32_t* col_ptr, int64_t cols,
-                    int32_t* perm);
+bool transpose_perm(const int32_t* row_ptr, const I* col, int64_t rows, const int32_t* col_ptr, int64_t cols,
+                    int64_t nnz, int32_t* perm);
 
 // val[k] = w[r * stride_r + col[k] * stride_c] for the entries of rows [r0, r1).
 // (stride_r, stride_c) = (ld, 1) gathers W by rows; (1, ld) gathers W^T from the
-// transposed structure.
+// transposed structure. extent: the range of col (see "Safe reads").
 template <typename T, typename I>
-void gather(const T* w, int64_t stride_r, int64_t stride_c, const int32_t* row_ptr, const I* col, T* val,
-            int64_t r0, int64_t r1);
+void gather(const T* w, int64_t stride_r, int64_t stride_c, const int32_t* row_ptr, const I* col, int64_t nnz,
+            int64_t extent, T* val, int64_t r0, int64_t r1);
 
-// y[r] = (bias ? bias[r] : 0) + sum_k val[k] * x[col[k]]   (batch 1; x contiguous)
+// y[r] = (bias ? bias[r] : 0) + sum_k val[k] * x[col[k]]   (batch 1; x contiguous [extent])
 template <typename T, typename I>
-void spmv(const T* x, const int32_t* row_ptr, const I* col, const T* val, const T* bias, T* y, int64_t r0,
-          int64_t r1);
+void spmv(const T* x, const int32_t* row_ptr, const I* col, const T* val, int64_t nnz, int64_t extent,
+          const T* bias, T* y, int64_t r0, int64_t r1);
 
-// yt[r * ldy + b] = (bias ? bias[r] : 0) + sum_k val[k] * xt[col[k] * ldx + b], b < nb.
+// yt[r * ldy + b] = (bias ? bias[r] : 0) + sum_k val[k] * xt[col[k] * ldx + b], b < nb;
+// xt has extent rows.
 template <typename T, typename I>
-void spmm_t(const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr, const I* col, const T* val,
-            const T* bias, T* yt, int64_t ldy, int64_t r0, int64_t r1);
+void spmm_t(const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr, const I* col, const T* val, int64_t nnz,
+            int64_t extent, const T* bias, T* yt, int64_t ldy, int64_t r0, int64_t r1);
 
 // Sampled dense-dense product into a dense-shaped gradient: for every row r in [r0, r1)
 // dw[r * ldw + c] = 0 for c < ncols, then dw[r * ldw + col[k]] = sum_b gt[r * ldg + b] * xt[col[k] * ldx + b].
+// ncols is the extent of col (and the rows of xt).
 template <typename T, typename I>
 void sddmm_t(const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb, const int32_t* row_ptr,
-             const I* col, T* dw, int64_t ldw, int64_t ncols, int64_t r0, int64_t r1);
+             const I* col, int64_t nnz, T* dw, int64_t ldw, int64_t ncols, int64_t r0, int64_t r1);
 
 // out[c * ldo + r] = in[r * ldi + c] for r < rows, c < cols (blocked transpose), and
 // out[c * ldo + r] = 0 for rows <= r < rows_pad (zero padding of the batch).
@@ -85,10 +100,10 @@ void sddmm_t(const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb, con
 // every output of row b, and an inf in x[b, j] to NaN wherever the weight (r, j) is a
 // structural zero (0 * inf). After a sparse product y[b, r] (row stride ldy) over rows
 // [b0, b1) of x [B, K] (row stride ldx), this sets those outputs to NaN. Returns whether any
-// non-finite input was seen. Rows of the structure: N.
+// non-finite input was seen. Rows of the structure: N; entries: nnz.
 template <typename T, typename I>
-bool nonfinite_fixup(const T* x, int64_t ldx, int64_t K, const int32_t* row_ptr, const I* col, int64_t N, T* y,
-                     int64_t ldy, int64_t b0, int64_t b1);
+bool nonfinite_fixup(const T* x, int64_t ldx, int64_t K, const int32_t* row_ptr, const I* col, int64_t nnz,
+                     int64_t N, T* y, int64_t ldy, int64_t b0, int64_t b1);
 
 // Columns [c0, c1) are done by this call (threads split the columns).
 template <typename T>

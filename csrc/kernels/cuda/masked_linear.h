@@ -9,6 +9,11 @@
 // every kernel accumulates in that type. Activations are passed transposed (batch
 // contiguous, as the CPU kernels take them) so that threads of a warp read consecutive
 // batch entries of one input feature.
+//
+// Safe reads, as on the CPU (kernels/cpu/masked_linear.h): every kernel clamps a row's
+// entry range into [0, nnz] and every index into [0, extent - 1] (as unsigned), so an
+// index edited behind the glue's once-per-structure check gives wrong numbers, never an
+// out-of-bounds access.
 #pragma once
 #include <cstdint>
 
@@ -19,14 +24,15 @@ namespace masked {
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2, F64 = 3 };
 
 // yt [N, B] = (S xt) + bias, xt [K, B]: yt[r, b] = bias[r] + sum_k values[k] * xt[col[k], b].
-// bias nullable, in the data dtype. B == 1 uses one warp per row.
+// bias nullable, in the data dtype. B == 1 uses one warp per row. nnz: length of col_idx
+// and values; K: the extent of col_idx.
 void spmm_t(DType dtype, const void* xt, int64_t B, const void* values, const int32_t* row_ptr, const void* col_idx,
-            bool idx16, const void* bias, void* yt, int64_t N, void* stream);
+            bool idx16, int64_t nnz, int64_t K, const void* bias, void* yt, int64_t N, void* stream);
 
 // dw [N, K] (zero-initialised by the caller, data dtype): at the entries (r, c) of S,
-// dw[r, c] = sum_b gt[r, b] * xt[c, b].   gt [N, B], xt [K, B].
+// dw[r, c] = sum_b gt[r, b] * xt[c, b].   gt [N, B], xt [K, B]; nnz: length of col_idx.
 void sddmm_t(DType dtype, const void* gt, const void* xt, int64_t B, int64_t N, int64_t K, const int32_t* row_ptr,
-             const void* col_idx, bool idx16, void* dw, void* stream);
+             const void* col_idx, bool idx16, int64_t nnz, void* dw, void* stream);
 
 }  // namespace masked
 }  // namespace cuda

@@ -198,11 +198,13 @@ class _Packed:
 
     __slots__ = ("st", "weight", "version", "ptr", "data")
 
-    def __init__(self, st, weight, data):
+    def __init__(self, st, weight, data, version, ptr):
+        # version / ptr: read before `data` was derived, so an edit racing the derivation
+        # leaves this copy stale-marked (rebuilt next call) rather than trusted.
         self.st = st
         self.weight = weight
-        self.version = _version(weight)
-        self.ptr = weight.data_ptr()
+        self.version = version
+        self.ptr = ptr
         self.data = data
 
 
@@ -534,12 +536,13 @@ class MaskedSparseLinear(nn.Module):
         with _REBUILD_LOCK:
             pk = self.__dict__[slot]
             if not _packed_valid(pk, st, weight) or (rebuild_unversioned and pk.version < 0):
+                version, ptr = _version(weight), weight.data_ptr()
                 with torch.inference_mode(False), torch.no_grad():
                     if slot == "_pk":
                         data = _gather(weight, st.row_ptr, st.col_idx, False)
                     else:  # "_dw": the masked dense weight for the dense inference path
                         data = _ops._masked_dense(weight, st.mask)
-                pk = _Packed(st, weight, data)
+                pk = _Packed(st, weight, data, version, ptr)
                 self.__dict__[slot] = pk
             return pk.data
 
