@@ -15,23 +15,12 @@ import pytest
 import torch
 
 
-def _force_path():
-    import torchslim.nn
-
-    fp = getattr(torchslim.nn, "force_path", None)
-    if fp is None:  # not re-exported (yet): the module defines it
-        from torchslim.nn import masked_sparse_linear
-
-        fp = getattr(masked_sparse_linear, "force_path", None)
-    if fp is None:
-        pytest.fail("torchslim.nn.force_path is missing: the path-forcing tests cannot run")
-    return fp
-
-
 @pytest.fixture(params=["sparse", "dense"])
 def masked_path(request):
     """"sparse" or "dense": every MaskedSparseLinear takes that path during the test."""
-    with _force_path()(request.param):
+    from torchslim.nn import force_path
+
+    with force_path(request.param):
         yield request.param
 
 
