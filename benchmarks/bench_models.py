@@ -42,8 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def configs(smoke: bool) -> dict:
-    import transformers as T
-
     if smoke:
         llama = dict(vocab_size=100, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)

@@ -15,7 +15,6 @@ import struct
 import sys
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 

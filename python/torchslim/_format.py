@@ -291,7 +291,7 @@ class Reader:
             raise self.err(where, f"declared shapes add up to more than max_numel={self.max_numel} weight elements "
                                   f"(the limit for a file of this size; pass max_numel= to load a larger model)")
 
-    def tensor(self, where: str, name: str, shape: tuple, dtype: torch.dtype, finite: bool = False) -> torch.Tensor:
+    def tensor(self, where: str, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
         t = self.tensors.get(name)
         if t is None:
             raise self.err(where, f"tensor {name!r} missing")
@@ -299,8 +299,6 @@ class Reader:
             raise self.err(where, f"tensor {name!r} has dtype {t.dtype}, expected {dtype}")
         if tuple(t.shape) != tuple(shape):
             raise self.err(where, f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise self.err(where, f"tensor {name!r} holds non-finite values")
         self.used.add(name)
         return t
 
