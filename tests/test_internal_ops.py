@@ -300,6 +300,7 @@ def test_validated_cache_holds_every_layer_of_a_large_model():
     """100 sparse layers in training: after the first step no structure is checked again
     (a cache smaller than the working set would re-check every index on every call)."""
     torch.manual_seed(0)
+    before = debug.index_checks()  # layers may check their structures as they are built
     layers = nn.Sequential(*[MaskedSparseLinear.from_dense(nn.Linear(48, 48), mask=torch.rand(48, 48) < 0.1)
                              for _ in range(100)])
     x = torch.randn(4, 48, requires_grad=True)
@@ -309,7 +310,6 @@ def test_validated_cache_holds_every_layer_of_a_large_model():
         out = layers(x)
         out.square().sum().backward()
 
-    before = debug.index_checks()
     step()
     assert all(m.last_path == "sparse" for m in layers)  # the structure ops ran on every layer
     first = debug.index_checks() - before
