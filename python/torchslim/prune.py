@@ -153,6 +153,8 @@ def _to_masked(name: str, module: nn.Module) -> MaskedSparseLinear:
         layer.bias = bias
     layer.set_mask(mask)
     layer.train(module.training)
+    if is_conv1d(module):
+        layer.from_conv1d = True  # saved as "from": "Conv1D", loads into the user's Conv1D skeleton
     return layer
 
 

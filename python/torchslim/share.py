@@ -119,7 +119,11 @@ def cluster_weights(model: nn.Module, num_clusters: int = 16, scope: str = "laye
     else:
         converted = _cluster_global(targets, num_clusters, init, seed, max_iter)
 
+    originals = dict(targets)
     for name, layer in converted:
+        orig = originals[name]
+        if is_conv1d(orig) or getattr(orig, "from_conv1d", False):
+            layer.from_conv1d = True  # saved as "from": "Conv1D", loads into the user's Conv1D skeleton
         if name == "":
             return layer
         _replace(model, name, layer)
