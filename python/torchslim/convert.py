@@ -141,7 +141,7 @@ def _deploy_layer(layer: nn.Module) -> nn.Module:
 
     if isinstance(layer, DEPLOYED_TYPES):
         return copy.deepcopy(layer)
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():
         bias = None if layer.bias is None else layer.bias.detach().clone()
         if isinstance(layer, MaskedSparseLinear):
             st, values = layer._sparse_data()

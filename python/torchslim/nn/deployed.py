@@ -118,7 +118,7 @@ class DeployedSparseLinear(_Deployed):
     @classmethod
     def from_masked(cls, layer) -> "DeployedSparseLinear":
         """From a MaskedSparseLinear: its cached structure and packed values, copied."""
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             st, values = layer._sparse_data()
             bias = None if layer.bias is None else layer.bias.detach().clone()
             return cls(layer.in_features, layer.out_features, st.row_ptr.clone(), st.col_idx.clone(),
@@ -207,7 +207,7 @@ class DeployedCodebookLinear(_Deployed):
 
     @classmethod
     def from_codebook(cls, layer) -> "DeployedCodebookLinear":
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             bias = None if layer.bias is None else layer.bias.detach().clone()
             return cls(layer.in_features, layer.out_features, layer.indices.detach().clone(),
                        layer.effective_codebook().detach().clone(), bias, layer.zero_pinned)
@@ -304,7 +304,7 @@ class DeployedSequential(nn.Sequential):
             rp_off += m.out_features + 1
             nnz_off += m.nnz
             bias_off += 0 if m.bias is None else m.out_features
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():
             values = torch.cat([m.values for m in layers])
             row_ptr = torch.cat([m.row_ptr for m in layers])
             col_idx = torch.cat([m.col_idx.to(index_dtype) for m in layers])
