@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 
 import numpy as np
 import pytest
@@ -350,10 +349,8 @@ def _with_meta(data: bytes, mutate) -> bytes:
 
 
 def _load_raises(data: bytes, match: str | None = None):
-    t0 = time.perf_counter()
     with pytest.raises(ValueError, match=match):
         tio.load_bytes(data)
-    assert time.perf_counter() - t0 < 2.0
 
 
 def test_truncated_files_raise(tmp_path, cb_cls):

@@ -138,6 +138,7 @@ def test_assign_matches_labels():
     assert torch.equal(assign(v, r.centroids), r.labels)
 
 
+@pytest.mark.slow
 def test_kmeans_10m_weights_time():
     """Prints the time to cluster 10M weights (not asserted: machines differ)."""
     w = torch.randn(10_000_000, generator=torch.Generator().manual_seed(0)) * 0.05
