@@ -74,6 +74,12 @@ template <> inline F16 from_float<F16>(float v) {
 }
 
 constexpr int64_t kBlock = 1024;  // elements per block: both inputs of a block stay in L1
+// Rows of at most this many classes take the row-group body (kd_rows_small): W rows at a
+// time, one row per SIMD lane, so the per-row work (maxima, sums, the final logarithm)
+// is shared by W rows instead of paid per row. Measured (AVX-512, 1 thread, fwd+bwd at
+// 4096 rows): 2.4x the row body at C = 10, 1.1-2x at C = 32-56, even at 64 (fp32; bf16
+// 1.2x), behind from ~80 classes on, where the transposes cost more than the per-row work.
+constexpr int64_t kSmallClasses = 64;
 constexpr double kLog2e = 1.4426950408889634;
 
 // 2^f on [-0.5, 0.5], degree 6 (Chebyshev fit, relative error 2.6e-9).
@@ -108,6 +114,8 @@ struct ScalarF {
   static void store(Bf16* p, vf v) { *p = from_float<Bf16>(v); }
   static void store(F16* p, vf v) { *p = from_float<F16>(v); }
   template <class P> static void stream(P* p, vf v) { store(p, v); }
+  template <class P> static vf load_n(const P* p, int n) { return n > 0 ? load(p) : 0.0f; }
+  template <class P> static void store_n(P* p, vf v, int n) { if (n > 0) store(p, v); }
   static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
   static vf sub(vf a, vf b) { return a - b; }
@@ -116,6 +124,7 @@ struct ScalarF {
   static vf select_pos(vf e, vf v) { return e > 0.0f ? v : 0.0f; }
   static float hmax(vf v) { return v; }
   static double hsum(vacc v) { return v; }
+  static void transpose(vf*) {}  // 1 x 1
   static vf exp2(vf y) {
     if (y < -127.0f) y = -127.0f;  // NaN passes through
     const float n = std::nearbyint(y);
@@ -207,6 +216,41 @@ struct Avx2 {
     _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   static void fence() { _mm_sfence(); }
+  static __m256i lanes_below(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  // The first n (< W) elements, the rest 0; 16-bit types through a small buffer (AVX2 has
+  // no 16-bit masked load).
+  static vf load_n(const float* p, int n) { return _mm256_maskload_ps(p, lanes_below(n)); }
+  template <class P> static vf load_n(const P* p, int n) {
+    alignas(32) P tmp[8] = {};
+    std::memcpy(tmp, p, sizeof(P) * n);
+    return load(tmp);
+  }
+  static void store_n(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
+  template <class P> static void store_n(P* p, vf v, int n) {
+    alignas(32) P tmp[8];
+    store(tmp, v);
+    std::memcpy(p, tmp, sizeof(P) * n);
+  }
+  // 8 x 8 in place: r[k] holds column k of the rows r[0..7] held before.
+  static void transpose(vf* r) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int h = 0; h < 2; ++h) {  // rows 4h..4h+3: u[4h + k] = column 4L + k of each 128-bit lane L
+      u[4 * h + 0] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0x44);
+      u[4 * h + 1] = _mm256_shuffle_ps(t[4 * h], t[4 * h + 2], 0xEE);
+      u[4 * h + 2] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0x44);
+      u[4 * h + 3] = _mm256_shuffle_ps(t[4 * h + 1], t[4 * h + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {
+      r[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
+      r[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
+    }
+  }
   static vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -287,6 +331,45 @@ struct Avx512 {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   static void fence() { _mm_sfence(); }
+  static __mmask16 lanes_below(int n) { return __mmask16((1u << n) - 1u); }
+  // The first n (< W) elements, the rest 0 (masked loads: nothing past p + n is read).
+  static vf load_n(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes_below(n), p); }
+  static vf load_n(const Bf16* p, int n) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes_below(n), p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+  }
+  static vf load_n(const F16* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes_below(n), p)); }
+  static void store_n(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), v); }
+  static void store_n(Bf16* p, vf v, int n) { _mm256_mask_storeu_epi16(p, lanes_below(n), to_bf16(v)); }
+  static void store_n(F16* p, vf v, int n) {
+    _mm256_mask_storeu_epi16(p, lanes_below(n), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  // 16 x 16 in place: r[k] holds column k of the rows r[0..15] held before.
+  static void transpose(vf* r) {
+    __m512 t[16], u[16], v[16];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int q = 0; q < 4; ++q) {  // rows 4q..4q+3: u[4q + k] = column 4L + k of each 128-bit lane L
+      u[4 * q + 0] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
+      u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
+      u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+      u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; ++k) {  // gather the 128-bit lanes: even lanes (0x88) and odd lanes (0xdd)
+      v[k] = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88);
+      v[4 + k] = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xdd);
+      v[8 + k] = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88);
+      v[12 + k] = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xdd);
+    }
+    for (int k = 0; k < 4; ++k) {
+      r[k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0x88);
+      r[8 + k] = _mm512_shuffle_f32x4(v[k], v[8 + k], 0xdd);
+      r[4 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0x88);
+      r[12 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0xdd);
+    }
+  }
   static vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
@@ -518,18 +601,153 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
   return total;
 }
 
+// Few classes per row: rows r0..r0+W-1 are loaded (W x W tiles, transposed in registers)
+// into a column-major scratch col[j] = class j of the W rows, one row per lane, so every
+// vector step serves W rows. Per lane this is the single-block case of kd_rows: the same
+// shifts, exponentials, sums and final formulas (sums of <= kSmallClasses terms in float).
+// VS: V, as a template parameter so that the f64 body (no transpose) never instantiates it.
+template <class In, bool kGrad, class VS = V>
+static double kd_rows_small(const KdLossParams& p, int64_t begin, int64_t end) {
+  using A = float;
+  using vf = typename VS::vf;
+  constexpr int W = VS::W;
+  constexpr A kNegInf = -std::numeric_limits<A>::infinity();
+  const int64_t C = p.classes;
+  const int64_t tiles = (C + W - 1) / W;
+  const double T = p.temperature;
+  const double invT = 1.0 / T;
+  const vf vkk = VS::set1(A(invT * kLog2e));
+  const In* S = static_cast<const In*>(p.student);
+  const In* Tt = static_cast<const In*>(p.teacher);
+  In* G = static_cast<In*>(p.grad);
+  const A* RW = static_cast<const A*>(p.row_weight);
+
+  // Column-major tiles of the group: logits, then their exponentials in place.
+  alignas(64) A cs_buf[kSmallClasses * W], ct_buf[kSmallClasses * W];
+  alignas(64) A zs[W], zt[W], wx[W], dz[W], gs[W], gt[W], keep[W];
+  vf tile[W];
+  double total = 0.0;
+
+  // Rows r0.. (nr of them; the other lanes read as 0) of one input into buf, transposed.
+  auto load_group = [&](const In* base, int64_t stride, int64_t r0, int nr, A* buf) {
+    for (int64_t jt = 0; jt < tiles; ++jt) {
+      const int64_t j0 = jt * W;
+      const int n = int(std::min<int64_t>(W, C - j0));
+      for (int l = 0; l < W; ++l) {
+        const In* row = base + (r0 + l) * stride + j0;
+        tile[l] = l >= nr ? VS::zero() : (n == W ? VS::load(row) : VS::load_n(row, n));
+      }
+      VS::transpose(tile);
+      for (int k = 0; k < n; ++k) VS::store(buf + (j0 + k) * W, tile[k]);
+    }
+  };
+
+  for (int64_t r0 = begin; r0 < end; r0 += W) {
+    const int nr = int(std::min<int64_t>(W, end - r0));
+    load_group(S, p.student_row_stride, r0, nr, cs_buf);
+    load_group(Tt, p.teacher_row_stride, r0, nr, ct_buf);
+
+    // Row maxima (a NaN logit never becomes the shift; all -inf: shift by 0).
+    vf vms = VS::set1(kNegInf), vmt = VS::set1(kNegInf);
+    for (int64_t j = 0; j < C; ++j) {
+      vms = VS::max_ignore_nan(vms, VS::load(cs_buf + j * W));
+      vmt = VS::max_ignore_nan(vmt, VS::load(ct_buf + j * W));
+    }
+    alignas(64) A ms[W], mt[W];
+    VS::store(ms, vms);
+    VS::store(mt, vmt);
+    for (int l = 0; l < W; ++l) {
+      if (ms[l] == kNegInf) ms[l] = 0.0f;
+      if (mt[l] == kNegInf) mt[l] = 0.0f;
+    }
+    const vf vsh_s = VS::load(ms), vsh_t = VS::load(mt);
+
+    // One exponential per element per input, the sums and the KL cross term.
+    vf vzs = VS::zero(), vzt = VS::zero(), vw = VS::zero(), vdz = VS::zero();
+    for (int64_t j = 0; j < C; ++j) {
+      const vf ds = VS::sub(VS::load(cs_buf + j * W), vsh_s);
+      const vf dt = VS::sub(VS::load(ct_buf + j * W), vsh_t);
+      const vf e_s = VS::exp2(VS::mul(ds, vkk));
+      const vf e_t = VS::exp2(VS::mul(dt, vkk));
+      vzs = VS::add(vzs, e_s);
+      vzt = VS::add(vzt, e_t);
+      vdz = VS::add(vdz, VS::sub(e_s, e_t));
+      vw = VS::add(vw, VS::select_pos(e_t, VS::mul(e_t, VS::sub(dt, ds))));  // 0 * log 0 = 0
+      if constexpr (kGrad) {
+        VS::store(cs_buf + j * W, e_s);
+        VS::store(ct_buf + j * W, e_t);
+      }
+    }
+    VS::store(zs, vzs);
+    VS::store(zt, vzt);
+    VS::store(wx, vw);
+    VS::store(dz, vdz);
+
+    // Per row, in double: the loss and the gradient's two scales (kd_rows with one block).
+    const double gscale = T * p.grad_scale;
+    for (int l = 0; l < W; ++l) {
+      gs[l] = gt[l] = keep[l] = 0.0f;
+      if (l >= nr) continue;
+      const int64_t r = r0 + l;
+      const double wr = RW ? double(RW[r]) : 1.0;
+      if (wr == 0.0) {  // padding row: counts for nothing, whatever its logits hold
+        if (p.row_loss) p.row_loss[r] = 0.0;
+        continue;
+      }
+      const double fs = zs[l] == 0.0f ? 0.0 : 1.0, ft = zt[l] == 0.0f ? 0.0 : 1.0;
+      const double Zs = fs * zs[l], Zt = ft * zt[l];
+      const double Wx = ft != 0.0 ? double(wx[l]) : 0.0;
+      const double Dz = fs * dz[l] + (fs - ft) * zt[l];
+      double kl = Wx * invT / Zt + std::log1p(Dz / Zt);
+      if (kl < 0.0) kl = 0.0;  // rounding only: KL >= 0 (NaN passes through)
+      const double loss = wr * T * T * kl;
+      if (p.row_loss) p.row_loss[r] = loss;
+      total += loss;
+      gs[l] = A(wr * gscale * fs / Zs);
+      gt[l] = A(wr * gscale * ft / Zt);
+      keep[l] = 1.0f;
+    }
+
+    if constexpr (kGrad) {
+      // grad = gs * e_s - gt * e_t, written as gs * (e_s - e_t) + (gs - gt) * e_t: exactly 0
+      // where the rows agree (gs == gt, e_s == e_t). Padding rows get exact zeros.
+      const vf vgs = VS::load(gs), vdg = VS::sub(vgs, VS::load(gt)), vkeep = VS::load(keep);
+      for (int64_t jt = 0; jt < tiles; ++jt) {
+        const int64_t j0 = jt * W;
+        const int n = int(std::min<int64_t>(W, C - j0));
+        for (int k = 0; k < W; ++k) {
+          if (k >= n) { tile[k] = VS::zero(); continue; }
+          const vf es = VS::load(cs_buf + (j0 + k) * W), et = VS::load(ct_buf + (j0 + k) * W);
+          tile[k] = VS::select_pos(vkeep, VS::add(VS::mul(vgs, VS::sub(es, et)), VS::mul(vdg, et)));
+        }
+        VS::transpose(tile);  // back to one row per vector
+        for (int l = 0; l < nr; ++l) {
+          In* g = G + (r0 + l) * C + j0;
+          if (n == W) VS::store(g, tile[l]);
+          else VS::store_n(g, tile[l], n);
+        }
+      }
+    }
+  }
+  return total;
+}
+
 template <class VV = V>
 static double rows_entry(const KdLossParams& p, int64_t begin, int64_t end) {
   const bool grad = p.grad != nullptr;
   if constexpr (std::is_same_v<typename VV::A, double>) {
     return grad ? kd_rows<double, true>(p, begin, end) : kd_rows<double, false>(p, begin, end);
   } else {
+    const bool small = p.classes <= kSmallClasses;
     switch (p.dtype) {
       case KdDtype::F32:
+        if (small) return grad ? kd_rows_small<float, true>(p, begin, end) : kd_rows_small<float, false>(p, begin, end);
         return grad ? kd_rows<float, true>(p, begin, end) : kd_rows<float, false>(p, begin, end);
       case KdDtype::BF16:
+        if (small) return grad ? kd_rows_small<Bf16, true>(p, begin, end) : kd_rows_small<Bf16, false>(p, begin, end);
         return grad ? kd_rows<Bf16, true>(p, begin, end) : kd_rows<Bf16, false>(p, begin, end);
       case KdDtype::F16:
+        if (small) return grad ? kd_rows_small<F16, true>(p, begin, end) : kd_rows_small<F16, false>(p, begin, end);
         return grad ? kd_rows<F16, true>(p, begin, end) : kd_rows<F16, false>(p, begin, end);
       default:
         break;
