@@ -115,6 +115,7 @@ struct ScalarF {
   static void store(F16* p, vf v) { *p = from_float<F16>(v); }
   template <class P> static void stream(P* p, vf v) { store(p, v); }
   template <class P> static vf load_n(const P* p, int n) { return n > 0 ? load(p) : 0.0f; }
+  template <class P> static vf load_pad(const P* p, int n, float fill) { return n > 0 ? load(p) : fill; }
   template <class P> static void store_n(P* p, vf v, int n) { if (n > 0) store(p, v); }
   static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
@@ -149,6 +150,8 @@ struct ScalarD {
   static vf load(const double* p) { return *p; }
   static void store(double* p, vf v) { *p = v; }
   static void stream(double* p, vf v) { *p = v; }
+  static vf load_pad(const double* p, int n, double fill) { return n > 0 ? *p : fill; }
+  static void store_n(double* p, vf v, int n) { if (n > 0) *p = v; }
   static void fence() {}
   static vf add(vf a, vf b) { return a + b; }
   static vf sub(vf a, vf b) { return a - b; }
@@ -226,6 +229,10 @@ struct Avx2 {
     alignas(32) P tmp[8] = {};
     std::memcpy(tmp, p, sizeof(P) * n);
     return load(tmp);
+  }
+  // The first n (< W) elements, the rest `fill`.
+  template <class P> static vf load_pad(const P* p, int n, float fill) {
+    return _mm256_blendv_ps(_mm256_set1_ps(fill), load_n(p, n), _mm256_castsi256_ps(lanes_below(n)));
   }
   static void store_n(float* p, vf v, int n) { _mm256_maskstore_ps(p, lanes_below(n), v); }
   template <class P> static void store_n(P* p, vf v, int n) {
@@ -339,6 +346,10 @@ struct Avx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
   }
   static vf load_n(const F16* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(lanes_below(n), p)); }
+  // The first n (< W) elements, the rest `fill`.
+  template <class P> static vf load_pad(const P* p, int n, float fill) {
+    return _mm512_mask_blend_ps(lanes_below(n), _mm512_set1_ps(fill), load_n(p, n));
+  }
   static void store_n(float* p, vf v, int n) { _mm512_mask_storeu_ps(p, lanes_below(n), v); }
   static void store_n(Bf16* p, vf v, int n) { _mm256_mask_storeu_epi16(p, lanes_below(n), to_bf16(v)); }
   static void store_n(F16* p, vf v, int n) {
@@ -491,11 +502,11 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
         vms = V::max_ignore_nan(vms, V::load(sb + i));
         vmt = V::max_ignore_nan(vmt, V::load(tb + i));
       }
-      A bms = V::hmax(vms), bmt = V::hmax(vmt);
-      for (; i < n; ++i) {
-        bms = nan_ignoring_max(bms, A(to_float(sb[i])));
-        bmt = nan_ignoring_max(bmt, A(to_float(tb[i])));
+      if (i < n) {  // tail: masked loads, -inf in the other lanes
+        vms = V::max_ignore_nan(vms, V::load_pad(sb + i, int(n - i), kNegInf));
+        vmt = V::max_ignore_nan(vmt, V::load_pad(tb + i, int(n - i), kNegInf));
       }
+      const A bms = V::hmax(vms), bmt = V::hmax(vmt);
       run_s = nan_ignoring_max(run_s, bms);
       run_t = nan_ignoring_max(run_t, bmt);
       // All -inf so far: shift by 0 so that exp(-inf - 0) = 0 instead of NaN.
@@ -525,18 +536,13 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
       for (; i + W <= n; i += W) {
         step(V::load(sb + i), V::load(tb + i), kGrad ? es + lo + i : nullptr, kGrad ? et + lo + i : nullptr);
       }
-      if (i < n) {  // tail: pad with -inf, whose exponentials are 0
-        alignas(64) A ps[W], pt[W], os[W], ot[W];
-        for (int j = 0; j < W; ++j) {
-          ps[j] = i + j < n ? A(to_float(sb[i + j])) : kNegInf;
-          pt[j] = i + j < n ? A(to_float(tb[i + j])) : kNegInf;
-        }
-        step(V::load(ps), V::load(pt), os, ot);
+      if (i < n) {  // tail: pad with -inf, whose exponentials are 0; only n - i lanes are stored
+        const int m = int(n - i);
+        alignas(64) A os[W], ot[W];
+        step(V::load_pad(sb + i, m, kNegInf), V::load_pad(tb + i, m, kNegInf), os, ot);
         if constexpr (kGrad) {
-          for (int64_t j = 0; i + j < n; ++j) {
-            es[lo + i + j] = os[j];
-            et[lo + i + j] = ot[j];
-          }
+          V::store_n(es + lo + i, V::load(os), m);
+          V::store_n(et + lo + i, V::load(ot), m);
         }
       }
       blocks[b] = BlockStats{double(sh_s), double(sh_t), V::hsum(vzs), V::hsum(vzt), V::hsum(vw), V::hsum(vdz)};
@@ -591,7 +597,11 @@ static double kd_rows(const KdLossParams& p, int64_t begin, int64_t end) {
         } else {
           for (; i + W <= n; i += W) V::store(gb + i, vec_at(i));
         }
-        for (; i < n; ++i) store_one(gb + i, one_at(i));
+        if (i < n) {  // tail: masked loads and stores (nothing past the row is read or written)
+          const int m = int(n - i);
+          const vf a = V::load_pad(esb + i, m, A(0)), b = V::load_pad(etb + i, m, A(0));
+          V::store_n(gb + i, same ? V::mul(vcs, V::sub(a, b)) : V::sub(V::mul(vcs, a), V::mul(vct, b)), m);
+        }
       }
     }
   }
