@@ -87,6 +87,11 @@ constexpr float kP0 = 0.99999999995954820f, kP1 = 0.69314720671061980f, kP2 = 0.
                 kP3 = 0.05550327214209915f, kP4 = 0.009618025602807178f, kP5 = 0.0013400432165100828f,
                 kP6 = 0.0001546973202032385f;
 
+// log(1 + f) on [sqrt(1/2) - 1, sqrt(2) - 1] (Cephes logf, about 1 ulp in float).
+constexpr float kL0 = 7.0376836292e-2f, kL1 = -1.1514610310e-1f, kL2 = 1.1676998740e-1f, kL3 = -1.2420140846e-1f,
+                kL4 = 1.4249322787e-1f, kL5 = -1.6668057665e-1f, kL6 = 2.0000714765e-1f, kL7 = -2.4999993993e-1f,
+                kL8 = 3.3333331174e-1f;
+
 struct BlockStats {
   double ms, mt;  // shifts used for the block's exponentials (then: their rescale factors)
   double zs, zt;  // sums of the block's exponentials
@@ -258,6 +263,33 @@ struct Avx2 {
       r[4 + k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
     }
   }
+  static vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+  // log1p(x) for x > -1 with 1 + x finite and normal (the row-group sums guarantee it):
+  // log(u) * x / (u - 1), u = 1 + x, which corrects the rounding of u (x where u == 1).
+  static vf log1p(vf x) {
+    const vf one = _mm256_set1_ps(1.0f);
+    const vf u = _mm256_add_ps(one, x);
+    const __m256i bits = _mm256_castps_si256(u);
+    __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+    vf m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff)),
+                                               _mm256_set1_epi32(0x3f800000)));  // [1, 2)
+    const vf big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);
+    m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+    e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // + 1 where halved (mask is -1)
+    const vf ef = _mm256_cvtepi32_ps(e);
+    const vf f = _mm256_sub_ps(m, one);
+    const vf z = _mm256_mul_ps(f, f);
+    vf y = _mm256_set1_ps(kL0);
+    for (float c : {kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8}) y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(c));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+    y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+    vf lg = _mm256_add_ps(f, y);
+    lg = _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), lg);
+    const vf d = _mm256_sub_ps(u, one);
+    const vf r = _mm256_mul_ps(lg, _mm256_div_ps(x, d));
+    return _mm256_blendv_ps(r, x, _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  }
   static vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
   static vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
@@ -380,6 +412,33 @@ struct Avx512 {
       r[4 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0x88);
       r[12 + k] = _mm512_shuffle_f32x4(v[4 + k], v[12 + k], 0xdd);
     }
+  }
+  static vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+  // log1p(x) for x > -1 with 1 + x finite and normal (the row-group sums guarantee it):
+  // log(u) * x / (u - 1), u = 1 + x, which corrects the rounding of u (x where u == 1).
+  static vf log1p(vf x) {
+    const vf one = _mm512_set1_ps(1.0f);
+    const vf u = _mm512_add_ps(one, x);
+    const __m512i bits = _mm512_castps_si512(u);
+    __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127));
+    vf m = _mm512_castsi512_ps(_mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffff)),
+                                               _mm512_set1_epi32(0x3f800000)));  // [1, 2)
+    const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+    m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+    e = _mm512_mask_add_epi32(e, big, e, _mm512_set1_epi32(1));
+    const vf ef = _mm512_cvtepi32_ps(e);
+    const vf f = _mm512_sub_ps(m, one);
+    const vf z = _mm512_mul_ps(f, f);
+    vf y = _mm512_set1_ps(kL0);
+    for (float c : {kL1, kL2, kL3, kL4, kL5, kL6, kL7, kL8}) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(c));
+    y = _mm512_mul_ps(_mm512_mul_ps(y, f), z);
+    y = _mm512_fmadd_ps(ef, _mm512_set1_ps(-2.12194440e-4f), y);
+    y = _mm512_fnmadd_ps(_mm512_set1_ps(0.5f), z, y);
+    vf lg = _mm512_add_ps(f, y);
+    lg = _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693359375f), lg);
+    const vf d = _mm512_sub_ps(u, one);
+    const vf r = _mm512_mul_ps(lg, _mm512_div_ps(x, d));
+    return _mm512_mask_mov_ps(r, _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_EQ_OQ), x);
   }
   static vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
   static vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
@@ -693,9 +752,35 @@ static double kd_rows_small(const KdLossParams& p, int64_t begin, int64_t end) {
     VS::store(wx, vw);
     VS::store(dz, vdz);
 
-    // Per row, in double: the loss and the gradient's two scales (kd_rows with one block).
+    // The loss and the gradient's two scales (kd_rows with one block). Vector (float) when
+    // every lane is a row that counts with non-zero sums, per row in double otherwise.
     const double gscale = T * p.grad_scale;
-    for (int l = 0; l < W; ++l) {
+    bool ordinary = false;
+    if constexpr (W > 1) {
+      ordinary = nr == W;
+      for (int l = 0; ordinary && l < W; ++l) {
+        ordinary = zs[l] != 0.0f && zt[l] != 0.0f && (!RW || RW[r0 + l] != 0.0f);
+      }
+    }
+    if constexpr (W > 1) {
+      if (ordinary) {
+        const vf vwr = RW ? VS::load(RW + r0) : VS::set1(1.0f);
+        // kl = W / (T Zt) + log1p(Dz / Zt) >= 0 (rounding only; NaN passes through).
+        vf kl = VS::add(VS::div(VS::mul(vw, VS::set1(A(invT))), vzt), VS::log1p(VS::div(vdz, vzt)));
+        kl = VS::max_ignore_nan(kl, VS::zero());
+        alignas(64) A loss[W];
+        VS::store(loss, VS::mul(VS::mul(vwr, VS::set1(A(T * T))), kl));
+        const vf vg = VS::mul(vwr, VS::set1(A(gscale)));
+        VS::store(gs, VS::div(vg, vzs));
+        VS::store(gt, VS::div(vg, vzt));
+        for (int l = 0; l < W; ++l) {
+          keep[l] = 1.0f;
+          if (p.row_loss) p.row_loss[r0 + l] = double(loss[l]);
+          total += double(loss[l]);
+        }
+      }
+    }
+    for (int l = 0; l < W && !ordinary; ++l) {
       gs[l] = gt[l] = keep[l] = 0.0f;
       if (l >= nr) continue;
       const int64_t r = r0 + l;

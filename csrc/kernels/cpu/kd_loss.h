@@ -11,7 +11,8 @@
 //
 // At few classes (C <= 64) the per-row work would dominate, so W rows (the SIMD width) are
 // processed together instead: W x W tiles transposed in registers so that each lane holds
-// one row, with the same formulas per lane as the single-block case above.
+// one row, with the same formulas per lane as the single-block case above (for groups of
+// ordinary rows the final logarithm and divisions too run as vector float operations).
 #pragma once
 #include <cstdint>
 
