@@ -31,6 +31,41 @@ def time_ms(fn, min_run_time: float = 0.3, warmup: int = 3) -> dict:
             "p80": float(np.percentile(times, 80))}
 
 
+def time_interleaved(fns: dict, rounds: int = 3, min_run_time: float = 0.1, warmup: int = 2) -> dict:
+    """Time several callables of one case in turns (round-robin, ``rounds`` times), so that a
+    change in the machine's load hits them all alike; return {name: {'p20', 'p50', 'p80'}}
+    in ms over the per-block times of all rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            m = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                             ).blocked_autorange(min_run_time=min_run_time)
+            samples[name].extend(m.times)
+    out = {}
+    for name, times in samples.items():
+        t = np.asarray(times) * 1e3
+        out[name] = {"p20": float(np.percentile(t, 20)), "p50": float(np.percentile(t, 50)),
+                     "p80": float(np.percentile(t, 80))}
+    return out
+
+
+def read_bandwidth_gbs(nbytes: int, device: str = "cpu", min_run_time: float = 0.2) -> float:
+    """Read bandwidth (GB/s) of a sum over a float32 buffer of nbytes: far larger than the
+    last-level cache for DRAM, a few MiB for the cache (bench_machine.py's method)."""
+    buf = torch.rand(max(1, nbytes // 4), device=device)
+    return buf.numel() * 4 / time_ms(lambda: buf.sum(), min_run_time=min_run_time)["p50"] / 1e6
+
+
+def gemm_gflops(m: int, k: int, n: int, dtype=torch.float32, device: str = "cpu", min_run_time: float = 0.2) -> float:
+    """Dense GEMM rate (GFLOP/s) of torch.mm at [m, k] x [k, n] in dtype."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    return 2 * m * k * n / time_ms(lambda: torch.mm(a, b), min_run_time=min_run_time)["p50"] / 1e6
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

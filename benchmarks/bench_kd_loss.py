@@ -3,7 +3,9 @@
 For each (N, C) and dtype: forward-only and forward+backward time (p20/p50/p80 ms) of
 torchslim.ops.kd_kl_div and of the float reference ref_kd_kl_div (the same PyTorch ops
 users write), measured in the same run, the speed-up, and the peak extra memory of one
-forward+backward call (inputs excluded, the returned gradient included).
+forward+backward call (inputs excluded, the returned gradient included). Forward+backward
+is also timed for torch.compile of the same composite (fb_compile_ms, fb_vs_compile =
+compiled time / ours; --no-compile skips it).
 
 CPU time: the machine may be shared, so next to wall-clock time the CPU time the process
 spent per call (user + system, from getrusage, divided by the thread count) is reported;
@@ -14,7 +16,7 @@ torch's allocator (running sum of the bytes, highest point); on CUDA from
 torch.cuda.max_memory_allocated. The floor column is the time to read both inputs once and
 write the gradient once at the bandwidth measured here, in the same run.
 
-    python benchmarks/bench_kd_loss.py [--quick] [--device cpu|cuda] [--temperature 4]
+    python benchmarks/bench_kd_loss.py [--quick] [--device cpu|cuda] [--temperature 4] [--no-compile]
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from _common import print_table, time_ms, write_json  # noqa: E402
 from torchslim.ops import kd_kl_div  # noqa: E402
 from torchslim.ops._reference import ref_kd_kl_div  # noqa: E402
 
-SHAPES = [(4096, 10), (4096, 1000), (512, 32000), (128, 128256)]
+SHAPES = [(4096, 10), (4096, 100), (4096, 1000), (512, 32000), (64, 128256), (128, 128256)]
 QUICK_SHAPES = [(4096, 10), (512, 32000)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two shapes, short timing")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--temperature", type=float, default=4.0)
+    parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the composite")
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/kd_loss[_cuda].json)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -124,10 +127,15 @@ def main() -> None:
             def ref_full():
                 return torch.autograd.grad(ref_kd_kl_div(s, t, T), s)[0]
 
+            # torch.compile of the same composite, forward and backward in one compiled graph.
+            compiled = None if args.no_compile else torch.compile(
+                lambda s_, t_: torch.autograd.grad(ref_kd_kl_div(s_, t_, T), s_)[0], dynamic=False)
+
             esize = s.element_size()
             floor_ms = (2 * n * c * esize / read_bw + n * c * esize / write_bw) / 1e6
             tf_ours, tf_ref = time_ms(ours_fwd, run_time), time_ms(ref_fwd, run_time)
             tb_ours, tb_ref = time_ms(ours_full, run_time), time_ms(ref_full, run_time)
+            tb_comp = time_ms(lambda: compiled(s, t), run_time)["p50"] if compiled else float("nan")
             mem_ours, mem_ref = peak_extra_bytes(ours_full, device), peak_extra_bytes(ref_full, device)
             cpu_ours = cpu_ms_per_thread(ours_full, min_seconds=run_time) if device.type == "cpu" else float("nan")
             cpu_ref = cpu_ms_per_thread(ref_full, min_calls=2, min_seconds=run_time) if device.type == "cpu" else float("nan")
@@ -136,17 +144,20 @@ def main() -> None:
                 "N": n, "C": c, "dtype": dname,
                 "fwd_ours_ms": tf_ours["p50"], "fwd_torch_ms": tf_ref["p50"], "fwd_speedup": tf_ref["p50"] / tf_ours["p50"],
                 "fb_ours_ms": tb_ours["p50"], "fb_torch_ms": tb_ref["p50"], "fb_speedup": tb_ref["p50"] / tb_ours["p50"],
+                "fb_compile_ms": tb_comp, "fb_vs_compile": tb_comp / tb_ours["p50"],
                 "floor_ms": floor_ms,
                 "fb_ours_cpu_ms": cpu_ours, "fb_torch_cpu_ms": cpu_ref, "cpu_speedup": cpu_ref / cpu_ours,
                 "peak_ours_MiB": mem_ours / 2**20, "peak_torch_MiB": mem_ref / 2**20,
                 "peak_ours_in_grads": mem_ours / grad_bytes, "peak_torch_in_grads": mem_ref / grad_bytes,
                 "fb_ours_p20_p80": [tb_ours["p20"], tb_ours["p80"]], "fb_torch_p20_p80": [tb_ref["p20"], tb_ref["p80"]],
             })
-            print_table(rows[-1:], ["N", "C", "dtype", "fb_ours_ms", "fb_torch_ms", "fb_speedup", "fb_ours_cpu_ms",
+            print_table(rows[-1:], ["N", "C", "dtype", "fb_ours_ms", "fb_torch_ms", "fb_speedup", "fb_compile_ms",
+                                    "fb_vs_compile", "fb_ours_cpu_ms",
                                     "fb_torch_cpu_ms", "cpu_speedup", "floor_ms"])
             del s, t
 
     cols = ["N", "C", "dtype", "fwd_ours_ms", "fwd_torch_ms", "fwd_speedup", "fb_ours_ms", "fb_torch_ms", "fb_speedup",
+            "fb_compile_ms", "fb_vs_compile",
             "fb_ours_cpu_ms", "fb_torch_cpu_ms", "cpu_speedup", "floor_ms", "peak_ours_in_grads", "peak_torch_in_grads"]
     print_table(rows, cols, title=f"kd_kl_div vs PyTorch composite ({args.device}, T={T}; peak memory in [N, C] gradients)")
     for r in rows:

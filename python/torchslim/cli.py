@@ -124,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.set_defaults(func=_cmd_info)
     p_bench = sub.add_parser("bench", help="run a kernel benchmark from benchmarks/")
-    p_bench.add_argument("op", choices=["masked_linear", "codebook_linear", "kd_loss"], nargs="?", default="masked_linear")
+    p_bench.add_argument("op", choices=["masked_linear", "codebook_linear", "kd_loss", "peers"], nargs="?",
+                         default="masked_linear",
+                         help="peers: torchslim next to dense fp32/bf16, torch.sparse CSR, torch int4/int8, "
+                              "torch.compile and DeepSparse in one run (--quick, --full, --markdown)")
     p_bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
     p_bench.set_defaults(func=_cmd_bench)
     _add_run_parser(sub)

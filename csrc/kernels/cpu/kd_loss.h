@@ -8,6 +8,11 @@
 // kept (in the gradient row and a per-thread scratch row, both cache-resident) and reused
 // for the gradient once the row's log-sum-exp is known. Rows with w_r == 0 give loss 0 and
 // a zero gradient whatever their logits hold.
+//
+// At few classes (C <= 64) the per-row work would dominate, so W rows (the SIMD width) are
+// processed together instead: W x W tiles transposed in registers so that each lane holds
+// one row, with the same formulas per lane as the single-block case above (for groups of
+// ordinary rows the final logarithm and divisions too run as vector float operations).
 #pragma once
 #include <cstdint>
 
