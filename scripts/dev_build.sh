@@ -11,4 +11,9 @@ BUILD=${BUILD_DIR:-build/dev}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v "$PYTHON")" \
   -DTORCHSLIM_CUDA="${TORCHSLIM_CUDA:-AUTO}" >/dev/null
 cmake --build "$BUILD" -j "${JOBS:-2}"
-cp "$BUILD"/_C*.so "$BUILD"/_build_config.py python/torchslim/
+# Copy then rename: a process that has the old extension loaded keeps its mapping (an
+# in-place overwrite would change the pages under it and crash it).
+for f in "$BUILD"/_C*.so "$BUILD"/_build_config.py; do
+  cp "$f" "python/torchslim/.$(basename "$f").tmp"
+  mv -f "python/torchslim/.$(basename "$f").tmp" "python/torchslim/$(basename "$f")"
+done
