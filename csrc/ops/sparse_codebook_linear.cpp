@@ -216,6 +216,13 @@ void check_input(const Tensor& t, const char* name) {
               " must be floating point (float32, float64, bfloat16 or float16), got ", t.scalar_type());
 }
 
+// t as [rows, t.size(-1)] (reshape({-1, 0}) is ambiguous for zero features).
+Tensor as_2d(const Tensor& t) {
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) rows *= t.size(d);
+  return t.reshape({rows, t.size(-1)});
+}
+
 std::vector<int64_t> out_shape(const Tensor& t, int64_t last) {
   std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
   s.back() = last;
@@ -395,7 +402,7 @@ Tensor sparse_codebook_linear_cpu(const Tensor& input, const Tensor& row_ptr, co
   const Tensor bias = bias_or_undefined(bias_opt, L, input.device(), input.scalar_type());
   check_indices(L, row_ptr, col_idx, codes);
   const sck::Structure s = structure_view(L, row_ptr, col_idx, codes);
-  const Tensor y2 = apply_cpu(L, s, codebook, input.reshape({-1, L.in}), bias, input.scalar_type());
+  const Tensor y2 = apply_cpu(L, s, codebook, as_2d(input), bias, input.scalar_type());
   return y2.reshape(out_shape(input, L.out));
 }
 
@@ -415,7 +422,7 @@ Tensor sparse_codebook_linear_grad_input_cpu(const Tensor& grad, const Tensor& r
   const auto [t_rp, t_col, t_codes] = transposed(L, row_ptr, col_idx, codes);
   const Layout T = transposed_layout(L, t_col);
   const sck::Structure s = structure_view(T, t_rp, t_col, t_codes);
-  const Tensor dx = apply_cpu(T, s, codebook, grad.reshape({-1, L.out}), Tensor(), grad.scalar_type());
+  const Tensor dx = apply_cpu(T, s, codebook, as_2d(grad), Tensor(), grad.scalar_type());
   return dx.reshape(out_shape(grad, L.in));
 }
 
@@ -471,8 +478,8 @@ Tensor sparse_codebook_linear_grad_codebook_cpu(const Tensor& grad, const Tensor
                                                 const Tensor& col_idx, const Tensor& codes, const Tensor& codebook) {
   const Layout L = check_grad_codebook_args(grad, input, row_ptr, col_idx, codes, codebook);
   const at::ScalarType ct = acc_type(input.scalar_type());
-  const Tensor g2 = grad.reshape({-1, L.out}).to(ct).contiguous();
-  const Tensor x2 = input.reshape({-1, L.in}).to(ct).contiguous();
+  const Tensor g2 = as_2d(grad).to(ct).contiguous();
+  const Tensor x2 = as_2d(input).to(ct).contiguous();
   std::vector<double> hist(static_cast<size_t>(L.K), 0.0);
   if (g2.size(0) > 0 && L.nnz > 0) {
     const sck::Structure s = structure_view(L, row_ptr, col_idx, codes);
@@ -544,7 +551,7 @@ Tensor sparse_codebook_linear_cuda(const Tensor& input, const Tensor& row_ptr, c
   const Tensor bias = bias_or_undefined(bias_opt, L, input.device(), input.scalar_type());
   const c10::cuda::CUDAGuard guard(input.device());
   check_indices(L, row_ptr, col_idx, codes);
-  const Tensor y2 = apply_cuda(L, row_ptr, col_idx, codes, codebook, input.reshape({-1, L.in}), bias);
+  const Tensor y2 = apply_cuda(L, row_ptr, col_idx, codes, codebook, as_2d(input), bias);
   return y2.reshape(out_shape(input, L.out));
 }
 
@@ -554,7 +561,7 @@ Tensor sparse_codebook_linear_grad_input_cuda(const Tensor& grad, const Tensor& 
   const Layout L = check_grad_output(grad, row_ptr, col_idx, codes, codebook, in_features);
   const auto [t_rp, t_col, t_codes] = transposed(L, row_ptr, col_idx, codes);
   const Layout T = transposed_layout(L, t_col);
-  const Tensor dx = apply_cuda(T, t_rp, t_col, t_codes, codebook, grad.reshape({-1, L.out}), Tensor());
+  const Tensor dx = apply_cuda(T, t_rp, t_col, t_codes, codebook, as_2d(grad), Tensor());
   return dx.reshape(out_shape(grad, L.in));
 }
 
@@ -563,8 +570,8 @@ Tensor sparse_codebook_linear_grad_codebook_cuda(const Tensor& grad, const Tenso
   const c10::cuda::CUDAGuard guard(input.device());
   const Layout L = check_grad_codebook_args(grad, input, row_ptr, col_idx, codes, codebook);
   const at::ScalarType acc = acc_type(input.scalar_type());
-  const Tensor g2 = grad.reshape({-1, L.out}).contiguous();
-  const Tensor x2 = input.reshape({-1, L.in}).contiguous();
+  const Tensor g2 = as_2d(grad).contiguous();
+  const Tensor x2 = as_2d(input).contiguous();
   Tensor hist = at::zeros({L.K}, codebook.options().dtype(acc));
   const int64_t B = g2.size(0);
   if (B > 0 && L.nnz > 0) {

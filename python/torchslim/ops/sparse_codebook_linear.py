@@ -120,6 +120,28 @@ def _backward(ctx, grad):
 torch.library.register_autograd("torchslim::sparse_codebook_linear", _backward, setup_context=_setup_context)
 
 
+# grad_input = grad_output @ W is linear in grad_output and in the codebook: its own
+# gradients are the forward op and the codebook gradient (double backward).
+def _setup_grad_input(ctx, inputs, output):
+    grad_output, row_ptr, col_idx, codes, codebook, in_features = inputs
+    ctx.save_for_backward(grad_output, row_ptr, col_idx, codes, codebook)
+
+
+def _backward_grad_input(ctx, gg):
+    grad_output, row_ptr, col_idx, codes, codebook = ctx.saved_tensors
+    d_grad = d_codebook = None
+    if ctx.needs_input_grad[0]:
+        d_grad = torch.ops.torchslim.sparse_codebook_linear(gg, row_ptr, col_idx, codes, codebook, None)
+    if ctx.needs_input_grad[4]:
+        d_codebook = torch.ops.torchslim.sparse_codebook_linear_grad_codebook(
+            grad_output, gg, row_ptr, col_idx, codes, codebook)
+    return d_grad, None, None, None, d_codebook, None
+
+
+torch.library.register_autograd("torchslim::sparse_codebook_linear_grad_input", _backward_grad_input,
+                                setup_context=_setup_grad_input)
+
+
 def _require_tensor(name, t, optional=False):
     if t is None and optional:
         return
