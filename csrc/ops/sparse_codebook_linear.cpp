@@ -526,6 +526,7 @@ cuda::SckStructure cuda_view(const Layout& L, const Tensor& row_ptr, const Tenso
   s.packed = L.packed;
   s.rows = L.out;
   s.cols = L.in;
+  s.nnz = L.nnz;
   return s;
 }
 
