@@ -20,6 +20,7 @@
 // any kernel reads it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -337,8 +338,8 @@ Layout transposed_layout(const Layout& L, const Tensor& t_col) {
 
 // ---------------------------------------------------------------- CPU
 template <typename T>
-std::vector<T> padded_table(const Tensor& codebook) {
-  std::vector<T> table(256, T(0));
+std::array<T, 256> padded_table(const Tensor& codebook) {
+  std::array<T, 256> table{};
   const Tensor cb = codebook.contiguous();
   const T* p = cb.data_ptr<T>();
   std::copy(p, p + cb.numel(), table.begin());
@@ -350,11 +351,11 @@ template <typename T>
 void forward_cpu_impl(const Layout& L, const sck::Structure& s, const Tensor& codebook, const Tensor& x2,
                       const Tensor& b, Tensor& y2) {
   const int64_t B = x2.size(0);
-  const std::vector<T> table = padded_table<T>(codebook);
+  const std::array<T, 256> table = padded_table<T>(codebook);
   const T* bp = b.defined() ? b.data_ptr<T>() : nullptr;
+  const T* xp = x2.data_ptr<T>();
+  T* yp = y2.data_ptr<T>();
   if (B < kSpmvMaxBatch) {
-    const T* xp = x2.data_ptr<T>();
-    T* yp = y2.data_ptr<T>();
     for (int64_t i = 0; i < B; ++i) {
       at::parallel_for(0, L.out, grain_rows(L.nnz, L.out, 1), [&](int64_t r0, int64_t r1) {
         sck::spmv(s, table.data(), xp + i * L.in, bp, yp + i * L.out, r0, r1);
@@ -362,37 +363,39 @@ void forward_cpu_impl(const Layout& L, const sck::Structure& s, const Tensor& co
     }
     return;
   }
-  // Batch as the vector dimension: X^T [in, nbp], zero-padded.
+  // Batch as the vector dimension: X^T [in, nbp] zero-padded, Y^T [out, nbp], blocked transposes.
   const int64_t nbp = round_up(B, sck::kBatchPad);
-  Tensor xt = at::zeros({L.in, nbp}, x2.options());
-  xt.narrow(1, 0, B).copy_(x2.t());
+  Tensor xt = at::empty({L.in, nbp}, x2.options());
   Tensor yt = at::empty({L.out, nbp}, x2.options());
-  const T* xp = xt.data_ptr<T>();
-  T* yp = yt.data_ptr<T>();
+  T* xtp = xt.data_ptr<T>();
+  T* ytp = yt.data_ptr<T>();
+  const int64_t tgrain = std::max<int64_t>(16, kGrainWork / nbp);
+  at::parallel_for(0, L.in, tgrain, [&](int64_t c0, int64_t c1) { sck::transpose_pad(xp, L.in, B, nbp, xtp, nbp, c0, c1); });
   at::parallel_for(0, L.out, grain_rows(L.nnz, L.out, nbp), [&](int64_t r0, int64_t r1) {
-    sck::spmm_t(s, table.data(), xp, nbp, nbp, bp, yp, nbp, r0, r1);
+    sck::spmm_t(s, table.data(), xtp, nbp, nbp, bp, ytp, nbp, r0, r1);
   });
-  y2.copy_(yt.narrow(1, 0, B).t());
+  at::parallel_for(0, B, std::max<int64_t>(1, kGrainWork / std::max<int64_t>(L.out, 1)),
+                   [&](int64_t b0, int64_t b1) { sck::transpose_pad(ytp, nbp, L.out, L.out, yp, L.out, b0, b1); });
 }
 
 // out [B, L.out] in `dtype` from x2 [B, L.in] through the (checked) structure.
 Tensor apply_cpu(const Layout& L, const sck::Structure& s, const Tensor& codebook, const Tensor& x2d,
                  const Tensor& bias, at::ScalarType dtype) {
   const at::ScalarType ct = acc_type(dtype);
-  const Tensor x2 = x2d.to(ct).contiguous();
+  const Tensor x2 = x2d.scalar_type() == ct ? x2d.contiguous() : x2d.to(ct).contiguous();
   const int64_t B = x2.size(0);
   Tensor y2 = at::empty({B, L.out}, x2.options());
   if (B == 0 || L.out == 0) return y2.to(dtype);
-  const Tensor b = bias.defined() ? bias.to(ct).contiguous() : Tensor();
+  const Tensor b = !bias.defined() ? Tensor() : bias.scalar_type() == ct ? bias.contiguous() : bias.to(ct).contiguous();
   if (L.nnz == 0) {
     if (b.defined()) y2.copy_(b.unsqueeze(0).expand({B, L.out}));
     else y2.zero_();
     return y2.to(dtype);
   }
-  const Tensor cb = codebook.to(ct);
+  const Tensor cb = codebook.scalar_type() == ct ? codebook : codebook.to(ct);
   if (ct == at::kDouble) forward_cpu_impl<double>(L, s, cb, x2, b, y2);
   else forward_cpu_impl<float>(L, s, cb, x2, b, y2);
-  return y2.to(dtype);
+  return dtype == ct ? y2 : y2.to(dtype);
 }
 
 Tensor sparse_codebook_linear_cpu(const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx,
@@ -589,6 +592,105 @@ Tensor sparse_codebook_linear_grad_codebook_cuda(const Tensor& grad, const Tenso
 }
 #endif  // TORCHSLIM_WITH_CUDA
 
+// ---------------------------------------------------------------- autograd (C++)
+// In C++ rather than torch.library.register_autograd: a Python autograd kernel costs ~5 us
+// per call, as much as the whole kernel of a small layer at batch 1.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+Tensor call_forward(const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx, const Tensor& codes,
+                    const Tensor& codebook, const std::optional<Tensor>& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchslim::sparse_codebook_linear", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const std::optional<Tensor>&)>();
+  return op.call(input, row_ptr, col_idx, codes, codebook, bias);
+}
+
+Tensor call_grad_input(const Tensor& grad, const Tensor& row_ptr, const Tensor& col_idx, const Tensor& codes,
+                       const Tensor& codebook, const c10::SymInt& in_features) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchslim::sparse_codebook_linear_grad_input", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     c10::SymInt)>();
+  return op.call(grad, row_ptr, col_idx, codes, codebook, in_features);
+}
+
+Tensor call_grad_codebook(const Tensor& grad, const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx,
+                          const Tensor& codes, const Tensor& codebook) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("torchslim::sparse_codebook_linear_grad_codebook", "")
+                       .typed<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                     const Tensor&)>();
+  return op.call(grad, input, row_ptr, col_idx, codes, codebook);
+}
+
+// Sum over every dimension but the last (no sizes read: works with symbolic shapes).
+Tensor sum_leading(const Tensor& g) {
+  if (g.dim() == 1) return g.clone();
+  std::vector<int64_t> dims(static_cast<size_t>(g.dim() - 1));
+  for (size_t i = 0; i < dims.size(); ++i) dims[i] = static_cast<int64_t>(i);
+  return g.sum(dims);
+}
+
+class SparseCodebookLinearFn : public torch::autograd::Function<SparseCodebookLinearFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx,
+                        const Tensor& codes, const Tensor& codebook, const std::optional<Tensor>& bias) {
+    Tensor y;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      y = call_forward(input, row_ptr, col_idx, codes, codebook, bias);  // checks the arguments first
+    }
+    ctx->save_for_backward({input, row_ptr, col_idx, codes, codebook});
+    ctx->saved_data["in_features"] = input.sym_size(-1);
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return y;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& g = grads[0];
+    Tensor gi, gc, gb;
+    if (ctx->needs_input_grad(0))
+      gi = call_grad_input(g, saved[1], saved[2], saved[3], saved[4], ctx->saved_data["in_features"].toSymInt());
+    if (ctx->needs_input_grad(4)) gc = call_grad_codebook(g, saved[0], saved[1], saved[2], saved[3], saved[4]);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(5)) gb = sum_leading(g);
+    return {gi, Tensor(), Tensor(), Tensor(), gc, gb};
+  }
+};
+
+// grad_input = grad_output @ W is linear in grad_output and in the codebook: its gradients
+// are the forward op and the codebook gradient (double backward).
+class SparseCodebookGradInputFn : public torch::autograd::Function<SparseCodebookGradInputFn> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& grad, const Tensor& row_ptr, const Tensor& col_idx,
+                        const Tensor& codes, const Tensor& codebook, c10::SymInt in_features) {
+    ctx->save_for_backward({grad, row_ptr, col_idx, codes, codebook});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return call_grad_input(grad, row_ptr, col_idx, codes, codebook, in_features);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& gg = grads[0];
+    Tensor dg, dc;
+    if (ctx->needs_input_grad(0)) dg = call_forward(gg, saved[1], saved[2], saved[3], saved[4], std::nullopt);
+    if (ctx->needs_input_grad(4)) dc = call_grad_codebook(saved[0], gg, saved[1], saved[2], saved[3], saved[4]);
+    return {dg, Tensor(), Tensor(), Tensor(), dc, Tensor()};
+  }
+};
+
+Tensor sparse_codebook_linear_autograd(const Tensor& input, const Tensor& row_ptr, const Tensor& col_idx,
+                                       const Tensor& codes, const Tensor& codebook,
+                                       const std::optional<Tensor>& bias) {
+  return SparseCodebookLinearFn::apply(input, row_ptr, col_idx, codes, codebook, bias);
+}
+
+Tensor sparse_codebook_linear_grad_input_autograd(const Tensor& grad, const Tensor& row_ptr, const Tensor& col_idx,
+                                                  const Tensor& codes, const Tensor& codebook,
+                                                  c10::SymInt in_features) {
+  return SparseCodebookGradInputFn::apply(grad, row_ptr, col_idx, codes, codebook, std::move(in_features));
+}
+
 }  // namespace
 
 void define_sparse_codebook_linear_ops(torch::Library& m) {
@@ -612,6 +714,12 @@ TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
   m.impl("sparse_codebook_linear_grad_input", &sparse_codebook_linear_grad_input_cpu);
   m.impl("sparse_codebook_linear_grad_codebook", &sparse_codebook_linear_grad_codebook_cpu);
   m.impl("_sparse_codebook_transpose", &sparse_codebook_transpose);
+}
+
+TORCH_LIBRARY_IMPL(torchslim, Autograd, m) {
+  using namespace torchslim;
+  m.impl("sparse_codebook_linear", &sparse_codebook_linear_autograd);
+  m.impl("sparse_codebook_linear_grad_input", &sparse_codebook_linear_grad_input_autograd);
 }
 
 #ifdef TORCHSLIM_WITH_CUDA

@@ -70,6 +70,13 @@ void grad_codebook(const Structure& s, const float* gt, int64_t ldg, const float
 void grad_codebook(const Structure& s, const double* gt, int64_t ldg, const double* xt, int64_t ldx, int64_t nb,
                    int64_t r0, int64_t r1, double* hist);
 
+// out[c * ldo + r] = in[r * ldi + c] for r < rows, c in [c0, c1), and 0 for rows <= r <
+// rows_pad (the batch padding of X^T); blocked so both sides move whole cache lines.
+void transpose_pad(const float* in, int64_t ldi, int64_t rows, int64_t rows_pad, float* out, int64_t ldo, int64_t c0,
+                   int64_t c1);
+void transpose_pad(const double* in, int64_t ldi, int64_t rows, int64_t rows_pad, double* out, int64_t ldo,
+                   int64_t c0, int64_t c1);
+
 // Name of the body spmv (batch == 1) or spmm_t takes for this structure on this CPU.
 const char* path_name(const Structure& s, bool batched, bool fp64);
 

@@ -96,50 +96,9 @@ def _(row_ptr, col_idx, codes, in_features):
             codes.new_empty((nnz,)))
 
 
-def _setup_context(ctx, inputs, output):
-    input, row_ptr, col_idx, codes, codebook, bias = inputs
-    ctx.save_for_backward(input, row_ptr, col_idx, codes, codebook)
-    ctx.in_features = input.shape[-1]
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad):
-    input, row_ptr, col_idx, codes, codebook = ctx.saved_tensors
-    grad_input = grad_codebook = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.torchslim.sparse_codebook_linear_grad_input(
-            grad, row_ptr, col_idx, codes, codebook, ctx.in_features)
-    if ctx.needs_input_grad[4]:
-        grad_codebook = torch.ops.torchslim.sparse_codebook_linear_grad_codebook(
-            grad, input, row_ptr, col_idx, codes, codebook)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-    return grad_input, None, None, None, grad_codebook, grad_bias
-
-
-torch.library.register_autograd("torchslim::sparse_codebook_linear", _backward, setup_context=_setup_context)
-
-
-# grad_input = grad_output @ W is linear in grad_output and in the codebook: its own
-# gradients are the forward op and the codebook gradient (double backward).
-def _setup_grad_input(ctx, inputs, output):
-    grad_output, row_ptr, col_idx, codes, codebook, in_features = inputs
-    ctx.save_for_backward(grad_output, row_ptr, col_idx, codes, codebook)
-
-
-def _backward_grad_input(ctx, gg):
-    grad_output, row_ptr, col_idx, codes, codebook = ctx.saved_tensors
-    d_grad = d_codebook = None
-    if ctx.needs_input_grad[0]:
-        d_grad = torch.ops.torchslim.sparse_codebook_linear(gg, row_ptr, col_idx, codes, codebook, None)
-    if ctx.needs_input_grad[4]:
-        d_codebook = torch.ops.torchslim.sparse_codebook_linear_grad_codebook(
-            grad_output, gg, row_ptr, col_idx, codes, codebook)
-    return d_grad, None, None, None, d_codebook, None
-
-
-torch.library.register_autograd("torchslim::sparse_codebook_linear_grad_input", _backward_grad_input,
-                                setup_context=_setup_grad_input)
+# Autograd (input, codebook and bias gradients; double backward through grad_input) is
+# registered in C++ (csrc/ops/sparse_codebook_linear.cpp): a Python autograd kernel would
+# cost ~5 us per call, as much as a small layer's whole kernel at batch 1.
 
 
 def _require_tensor(name, t, optional=False):
@@ -150,20 +109,11 @@ def _require_tensor(name, t, optional=False):
         raise TypeError(f"{_OP}: {name} must be {kind}, got {type(t).__name__}")
 
 
-def sparse_codebook_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, codes: torch.Tensor,
-                           codebook: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``input @ W.T + bias`` with ``W`` the CSR + codebook layout described in the module docstring.
+_op = torch.ops.torchslim.sparse_codebook_linear.default
 
-    Args:
-        input: ``[..., in_features]`` float32 / float64 / bfloat16 / float16.
-        row_ptr: int32 ``[out_features + 1]``.
-        col_idx: int16 or int32 ``[nnz]`` absolute columns.
-        codes: uint8, packed 4-bit ``[ceil(nnz / 2)]`` (<= 16 clusters) or ``[nnz]`` (<= 256).
-        codebook: ``[num_clusters]`` of the input's dtype.
-        bias: optional ``[out_features]`` of the input's dtype.
 
-    Returns ``[..., out_features]`` in the input's dtype.
-    """
+def _explain(input, row_ptr, col_idx, codes, codebook, bias):
+    """Raise the Python error (TypeError / ValueError) for a wrong argument, if there is one."""
     for name, t in (("input", input), ("row_ptr", row_ptr), ("col_idx", col_idx), ("codes", codes),
                     ("codebook", codebook)):
         _require_tensor(name, t)
@@ -180,7 +130,30 @@ def sparse_codebook_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: 
         raise TypeError(f"{_OP}: codes must be uint8 (torch.uint8), got {codes.dtype}")
     if input.dim() < 1:
         raise ValueError(f"{_OP}: input must have at least 1 dimension [..., in_features], got a 0-D tensor")
-    return torch.ops.torchslim.sparse_codebook_linear(input, row_ptr, col_idx, codes, codebook, bias)
+
+
+def sparse_codebook_linear(input: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, codes: torch.Tensor,
+                           codebook: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``input @ W.T + bias`` with ``W`` the CSR + codebook layout described in the module docstring.
+
+    Args:
+        input: ``[..., in_features]`` float32 / float64 / bfloat16 / float16.
+        row_ptr: int32 ``[out_features + 1]``.
+        col_idx: int16 or int32 ``[nnz]`` absolute columns.
+        codes: uint8, packed 4-bit ``[ceil(nnz / 2)]`` (<= 16 clusters) or ``[nnz]`` (<= 256).
+        codebook: ``[num_clusters]`` of the input's dtype.
+        bias: optional ``[out_features]`` of the input's dtype.
+
+    Returns ``[..., out_features]`` in the input's dtype. Wrong argument types or dtypes raise
+    TypeError, a malformed structure RuntimeError (checked in C++ before any kernel runs).
+    """
+    # The argument checks run only when the op refuses its arguments: a layer called per
+    # token pays nothing for them.
+    try:
+        return _op(input, row_ptr, col_idx, codes, codebook, bias)
+    except (RuntimeError, TypeError):
+        _explain(input, row_ptr, col_idx, codes, codebook, bias)
+        raise
 
 
 def sparse_codebook_pack(labels: torch.Tensor, keep_mask: torch.Tensor | None = None, num_clusters: int = 16,
