@@ -176,6 +176,7 @@ TS_AVX512 void spmv_avx512(const Structure& s, const float* table, const float* 
                            int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
   const Lut512 t{_mm512_loadu_ps(table), _mm512_loadu_ps(table + 16), table};
+  const int64_t nnz = s.row_ptr[s.rows];
   for (int64_t r = r0; r < r1; ++r) {
     int64_t k = s.row_ptr[r];
     const int64_t e = s.row_ptr[r + 1];
@@ -190,15 +191,24 @@ TS_AVX512 void spmv_avx512(const Structure& s, const float* table, const float* 
       a0 = _mm512_fmadd_ps(lookup<L>(t, codes16<L>(s.codes, k)), gather16(x, col + k), a0);
       k += 16;
     }
-    if (k < e) a1 = _mm512_add_ps(a1, tail_product<L>(s, t, col, x, k, e - k));
+    if (k < e) {
+      if (k + 16 <= nnz) {
+        // A whole step past the row end stays inside the structure (codes and columns of
+        // the next rows, all checked): read it and mask the lanes off.
+        const __mmask16 m = static_cast<__mmask16>((1u << (e - k)) - 1);
+        a1 = _mm512_mask3_fmadd_ps(lookup<L>(t, codes16<L>(s.codes, k)), gather16(x, col + k), a1, m);
+      } else {
+        a1 = _mm512_add_ps(a1, tail_product<L>(s, t, col, x, k, e - k));
+      }
+    }
     y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.0f);
   }
 }
 
-// Weights of entries k..k+n-1 (n <= 16) into w[0..n).
+// Weights of entries k..k+n-1 (n <= 16) into w[0..n) (w[n..16) may be written too).
 template <Lut L>
-TS_AVX512 inline void decode16(const Structure& s, const Lut512& t, int64_t k, int64_t n, float* w) {
-  if (n == 16) {
+TS_AVX512 inline void decode16(const Structure& s, const Lut512& t, int64_t k, int64_t n, int64_t nnz, float* w) {
+  if (k + 16 <= nnz) {  // a whole step stays inside the structure even past the row end
     _mm512_store_ps(w, lookup<L>(t, codes16<L>(s.codes, k)));
   } else {
     for (int64_t i = 0; i < n; ++i) w[i] = t.table[code_at(s.codes, s.packed, k + i)];
@@ -209,6 +219,7 @@ template <int NV, Lut L, typename I>
 TS_AVX512 void spmm_rows_avx512(const Structure& s, const Lut512& t, const float* xt, int64_t ldx, const float* bias,
                                 float* yt, int64_t ldy, int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
+  const int64_t nnz = s.row_ptr[s.rows];
   alignas(64) float wb[16];
   for (int64_t r = r0; r < r1; ++r) {
     __m512 a[NV], c[NV];
@@ -220,7 +231,7 @@ TS_AVX512 void spmm_rows_avx512(const Structure& s, const Lut512& t, const float
     const int64_t e = s.row_ptr[r + 1];
     for (int64_t k = s.row_ptr[r]; k < e; k += 16) {
       const int64_t n = std::min<int64_t>(16, e - k);
-      decode16<L>(s, t, k, n, wb);
+      decode16<L>(s, t, k, n, nnz, wb);
       int64_t i = 0;
       for (; i + 1 < n; i += 2) {
         const __m512 v0 = _mm512_set1_ps(wb[i]);
@@ -378,20 +389,69 @@ Lut lut_avx2(const Structure& s) {
 }
 #endif  // __x86_64__
 
+#if defined(__x86_64__)
+// 8x8 float block: out[c * ldo + r] = in[r * ldi + c].
+TS_AVX2 inline void transpose8x8(const float* in, int64_t ldi, float* out, int64_t ldo) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * ldi);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * ldo, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+TS_AVX2 void transpose_avx2(const float* in, int64_t ldi, int64_t rows, float* out, int64_t ldo, int64_t c0,
+                            int64_t c1) {
+  constexpr int64_t kTile = 64;  // 64x64 tiles keep both sides in L1
+  for (int64_t ct = c0; ct < c1; ct += kTile) {
+    const int64_t cte = std::min(ct + kTile, c1);
+    for (int64_t rt = 0; rt < rows; rt += kTile) {
+      const int64_t rte = std::min(rt + kTile, rows);
+      int64_t c = ct;
+      for (; c + 8 <= cte; c += 8) {
+        int64_t r = rt;
+        for (; r + 8 <= rte; r += 8) transpose8x8(in + r * ldi + c, ldi, out + c * ldo + r, ldo);
+        for (int64_t cc = c; cc < c + 8; ++cc)
+          for (int64_t rr = r; rr < rte; ++rr) out[cc * ldo + rr] = in[rr * ldi + cc];
+      }
+      for (; c < cte; ++c)
+        for (int64_t rr = rt; rr < rte; ++rr) out[c * ldo + rr] = in[rr * ldi + c];
+    }
+  }
+}
+#endif
+
 template <typename T>
 void transpose_pad_impl(const T* in, int64_t ldi, int64_t rows, int64_t rows_pad, T* out, int64_t ldo, int64_t c0,
                         int64_t c1) {
-  constexpr int64_t kTile = 16;
-  for (int64_t cb = c0; cb < c1; cb += kTile) {
-    const int64_t ce = std::min(c1, cb + kTile);
-    for (int64_t rb = 0; rb < rows; rb += kTile) {
-      const int64_t re = std::min(rows, rb + kTile);
-      for (int64_t c = cb; c < ce; ++c)
-        for (int64_t r = rb; r < re; ++r) out[c * ldo + r] = in[r * ldi + c];
+#if defined(__x86_64__)
+  if (std::is_same_v<T, float> && simd_level() != SimdLevel::Scalar) {
+    transpose_avx2(reinterpret_cast<const float*>(in), ldi, rows, reinterpret_cast<float*>(out), ldo, c0, c1);
+  } else
+#endif
+  {
+    constexpr int64_t kTile = 16;
+    for (int64_t cb = c0; cb < c1; cb += kTile) {
+      const int64_t ce = std::min(c1, cb + kTile);
+      for (int64_t rb = 0; rb < rows; rb += kTile) {
+        const int64_t re = std::min(rows, rb + kTile);
+        for (int64_t c = cb; c < ce; ++c)
+          for (int64_t r = rb; r < re; ++r) out[c * ldo + r] = in[r * ldi + c];
+      }
     }
-    if (rows_pad > rows)
-      for (int64_t c = cb; c < ce; ++c) std::fill(out + c * ldo + rows, out + c * ldo + rows_pad, T(0));
   }
+  if (rows_pad > rows)
+    for (int64_t c = c0; c < c1; ++c) std::fill(out + c * ldo + rows, out + c * ldo + rows_pad, T(0));
 }
 
 }  // namespace
