@@ -35,7 +35,8 @@ from _common import llc_bytes, print_table, time_ms, write_json  # noqa: E402
 
 from torchslim.nn import MaskedSparseLinear  # noqa: E402
 from torchslim.ops import codebook_linear, sparse_codebook_linear, sparse_codebook_pack  # noqa: E402
-from torchslim.ops._reference import pack_int4, ref_sparse_codebook_linear  # noqa: E402
+from torchslim.ops._reference import pack_int4  # noqa: E402
+from torchslim.ops.sparse_codebook_linear import cpu_path  # noqa: E402
 
 _ops = torch.ops.torchslim
 CPU_TIME = False
@@ -188,7 +189,7 @@ def batched_targets(args, layer, bw, gemm, rows):
                  "ours": p50(lambda: layer.ours(x), args.min_time)}
         floor = max(layer.bytes_ours() / bw, 2 * batch * layer.nnz / gemm) * 1e3
         rows.append({"table": "batched", "shape": f"{n}x{n}", "density": 0.1, "clusters": layer.k, "batch": batch,
-                     "path": _ops._sparse_codebook_linear_path(layer.k, True, batch, False),
+                     "path": cpu_path(layer.k, True, batch),
                      "dense_ms": t["dense"], "fp32_sparse_ms": t["fp32_sparse"], "ours_ms": t["ours"],
                      "x_dense": t["dense"] / t["ours"], "x_fp32_sparse": t["fp32_sparse"] / t["ours"],
                      "floor_ms": floor})

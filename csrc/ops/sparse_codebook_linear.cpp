@@ -7,7 +7,8 @@
 //   sparse_codebook_linear_grad_codebook(grad_output, input, row_ptr, col_idx, codes, codebook)
 //       [c] = sum over kept (r, j) with code c of dW[r, j], dW = grad_output^T input
 //   _sparse_codebook_transpose(row_ptr, col_idx, codes, in_features) -> (t_row_ptr, t_row_idx, t_codes)
-//   _sparse_codebook_linear_path(num_clusters, packed, batch, fp64) -> name of the CPU body
+//   _sparse_codebook_linear_path(num_clusters, packed, batch, fp64) -> code of the CPU body
+//       (sck::path_code; torchslim.ops.sparse_codebook_linear.cpu_path names it)
 //
 // W [out, in]: W[r, col_idx[k]] = codebook[code(k)] for k in [row_ptr[r], row_ptr[r + 1]),
 // zero elsewhere (layout: kernels/cpu/sparse_codebook_linear.h). codes are packed 4-bit
@@ -28,7 +29,6 @@
 #include <limits>
 #include <mutex>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <vector>
 
@@ -494,11 +494,11 @@ Tensor sparse_codebook_linear_grad_codebook_cpu(const Tensor& grad, const Tensor
   return out.to(codebook.scalar_type());
 }
 
-std::string sparse_codebook_linear_path(int64_t num_clusters, bool packed, int64_t batch, bool fp64) {
+int64_t sparse_codebook_linear_path(int64_t num_clusters, bool packed, int64_t batch, bool fp64) {
   sck::Structure s;
   s.packed = packed;
   s.num_clusters = static_cast<int>(num_clusters);
-  return sck::path_name(s, batch >= kSpmvMaxBatch, fp64);
+  return sck::path_code(s, batch >= kSpmvMaxBatch, fp64);
 }
 
 #ifdef TORCHSLIM_WITH_CUDA
@@ -702,7 +702,7 @@ void define_sparse_codebook_linear_ops(torch::Library& m) {
         "Tensor codes, Tensor codebook) -> Tensor");
   m.def("_sparse_codebook_transpose(Tensor row_ptr, Tensor col_idx, Tensor codes, SymInt in_features) "
         "-> (Tensor, Tensor, Tensor)");
-  m.def("_sparse_codebook_linear_path(int num_clusters, bool packed, int batch, bool fp64) -> str");
+  m.def("_sparse_codebook_linear_path(int num_clusters, bool packed, int batch, bool fp64) -> int");
   m.impl("_sparse_codebook_linear_path", &sparse_codebook_linear_path);
 }
 

@@ -576,28 +576,16 @@ void grad_codebook(const Structure& s, const double* gt, int64_t ldg, const doub
   });
 }
 
-const char* path_name(const Structure& s, bool batched, bool fp64) {
-  if (fp64) return batched ? "scalar-spmm-fp64" : "scalar-spmv-fp64";
+int path_code(const Structure& s, bool batched, bool fp64) {
+  const int tail = (batched ? 2 : 0) + (fp64 ? 1 : 0);
+  int lookup = s.packed ? 0 : s.num_clusters <= 16 ? 1 : s.num_clusters <= 32 ? 2 : 3;
+  if (fp64) return lookup * 4 + tail;  // float64 runs the scalar bodies
 #if defined(__x86_64__)
   const SimdLevel lv = simd_level();
-  if (lv == SimdLevel::AVX512) {
-    switch (lut_for(s)) {
-      case Lut::Nibble16: return batched ? "avx512-spmm-nibble16" : "avx512-spmv-nibble16";
-      case Lut::Byte16: return batched ? "avx512-spmm-byte16" : "avx512-spmv-byte16";
-      case Lut::Byte32: return batched ? "avx512-spmm-byte32" : "avx512-spmv-byte32";
-      default: return batched ? "avx512-spmm-gather" : "avx512-spmv-gather";
-    }
-  }
-  if (lv == SimdLevel::AVX2) {
-    switch (lut_avx2(s)) {
-      case Lut::Nibble16: return batched ? "avx2-spmm-nibble16" : "avx2-spmv-nibble16";
-      case Lut::Byte16: return batched ? "avx2-spmm-byte16" : "avx2-spmv-byte16";
-      default: return batched ? "avx2-spmm-gather" : "avx2-spmv-gather";
-    }
-  }
+  if (lv == SimdLevel::AVX512) return 32 + lookup * 4 + tail;
+  if (lv == SimdLevel::AVX2) return 16 + (lookup == 2 ? 3 : lookup) * 4 + tail;  // no two-register lookup
 #endif
-  (void)s;
-  return batched ? "scalar-spmm" : "scalar-spmv";
+  return lookup * 4 + tail;
 }
 
 }  // namespace sck

@@ -77,8 +77,11 @@ void transpose_pad(const float* in, int64_t ldi, int64_t rows, int64_t rows_pad,
 void transpose_pad(const double* in, int64_t ldi, int64_t rows, int64_t rows_pad, double* out, int64_t ldo,
                    int64_t c0, int64_t c1);
 
-// Name of the body spmv (batch == 1) or spmm_t takes for this structure on this CPU.
-const char* path_name(const Structure& s, bool batched, bool fp64);
+// The body spmv or spmm_t (batched) takes for this structure on this CPU, as
+// isa * 16 + lookup * 4 + batched * 2 + fp64: isa 0 scalar, 1 AVX2, 2 AVX-512; lookup
+// 0 packed nibbles (16 entries in registers), 1 bytes / 16 entries, 2 bytes / 32 entries
+// (two registers), 3 bytes / table gather.
+int path_code(const Structure& s, bool batched, bool fp64);
 
 }  // namespace sck
 }  // namespace cpu

@@ -44,7 +44,7 @@ import torch
 
 import torchslim._extension  # noqa: F401  (loads torch.ops.torchslim)
 
-__all__ = ["sparse_codebook_linear", "sparse_codebook_pack", "sparse_codebook_unpack"]
+__all__ = ["sparse_codebook_linear", "sparse_codebook_pack", "sparse_codebook_unpack", "cpu_path"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _OP = "sparse_codebook_linear"
@@ -227,3 +227,17 @@ def sparse_codebook_unpack(row_ptr: torch.Tensor, col_idx: torch.Tensor, codes: 
     labels[rows, col_idx.long()] = codes
     mask[rows, col_idx.long()] = True
     return labels, mask
+
+
+_ISAS = ("scalar", "avx2", "avx512")
+_LOOKUPS = ("nibble16", "byte16", "byte32", "gather")
+
+
+def cpu_path(num_clusters: int, packed: bool, batch: int, fp64: bool = False) -> str:
+    """Name of the CPU kernel body the op runs for this layout and batch on this machine,
+    e.g. ``"avx512-spmv-nibble16"`` (batch-1 kernel per input row) or ``"avx2-spmm-gather"``
+    (batched kernel); ``"-fp64"`` is appended for float64 (scalar bodies). For tests and
+    benchmarks: it honours the ``TORCHSLIM_SIMD`` cap like the kernels do."""
+    code = torch.ops.torchslim._sparse_codebook_linear_path(int(num_clusters), bool(packed), int(batch), bool(fp64))
+    name = f"{_ISAS[code // 16]}-{'spmm' if code & 2 else 'spmv'}-{_LOOKUPS[(code // 4) % 4]}"
+    return name + "-fp64" if code & 1 else name
