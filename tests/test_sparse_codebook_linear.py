@@ -167,6 +167,23 @@ def test_large_layer_runs_the_simd_kernels():
                 assert name.startswith("avx512"), name
 
 
+@pytest.mark.parametrize("out_f,in_f", [(3, 40000), (33000, 5)])
+def test_int32_columns_and_transposed_rows(out_f, in_f):
+    """in_features > 32767: int32 col_idx; out_features > 32767: int32 rows in the transposed structure."""
+    for k, packed in ((16, True), (40, False)):
+        x, rp, ci, cd, cb, b, w = sample_inputs("cpu", torch.float32, (1,), in_f, out_f, k, 0.05, packed, seed=k)
+        assert ci.dtype == (torch.int32 if in_f > 32767 else torch.int16)
+        x.requires_grad_()
+        for xb in (x, torch.randn(20, in_f, requires_grad=True)):
+            y = sparse_codebook_linear(xb, rp, ci, cd, cb, b)
+            torch.testing.assert_close(y.double(), _dense_ref(xb.detach(), w, b), rtol=1e-4, atol=1e-4)
+            g = torch.randn_like(y)
+            (dx,) = torch.autograd.grad(y, xb, g)
+            torch.testing.assert_close(dx.double(), g.double() @ w, rtol=1e-4, atol=1e-4)
+        t_rp, t_row, _ = torch.ops.torchslim._sparse_codebook_transpose(rp, ci, cd, in_f)
+        assert t_row.dtype == (torch.int32 if out_f > 32767 else torch.int16)
+
+
 def test_bfloat16_and_half_inputs_accumulate_in_float32():
     x, rp, ci, cd, cb, b, w = sample_inputs("cpu", torch.float32, (6,), 300, 40, 16, 0.3, True)
     for dtype in (torch.bfloat16, torch.float16):
