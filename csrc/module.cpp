@@ -17,6 +17,7 @@ TORCH_LIBRARY(torchslim, m) {
   torchslim::define_codebook_linear_ops(m);
   torchslim::define_kd_loss_ops(m);
   torchslim::define_sparse_mlp_ops(m);
+  torchslim::define_sparse_codebook_linear_ops(m);
 }
 
 namespace py = pybind11;

@@ -196,7 +196,19 @@ def _internal_op_calls():
     x = torch.randn(5, 12, generator=g)
     mask = torch.rand(10, 12, generator=g) < 0.2
     row_ptr, col_idx, _, _ = t._masked_structure(mask)
-    return [(t._masked_sddmm.default, (torch.randn(5, 10, generator=g), x, row_ptr, col_idx), {})]
+    calls = [(t._masked_sddmm.default, (torch.randn(5, 10, generator=g), x, row_ptr, col_idx), {})]
+    # sparse_codebook_linear (no module calls it yet)
+    from torchslim.ops import sparse_codebook_pack
+    rp, ci, cd = sparse_codebook_pack(torch.randint(0, 16, (10, 12), generator=g), mask, 16)
+    cb = torch.randn(16, generator=g)
+    go = torch.randn(5, 10, generator=g)
+    calls += [(t.sparse_codebook_linear.default, (x.clone().requires_grad_(), rp, ci, cd, cb.clone().requires_grad_(),
+                                                  torch.randn(10, generator=g)), {}),
+              (t.sparse_codebook_linear_grad_input.default, (go, rp, ci, cd, cb, 12), {}),
+              (t.sparse_codebook_linear_grad_codebook.default, (go, x, rp, ci, cd, cb), {}),
+              (t._sparse_codebook_transpose.default, (rp, ci, cd, 12), {}),
+              (t._sparse_codebook_linear_path.default, (16, True, 1, False), {})]
+    return calls
 
 
 def test_every_registered_op_is_exercised():

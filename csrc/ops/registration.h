@@ -9,4 +9,5 @@ void define_masked_linear_ops(torch::Library& m);
 void define_codebook_linear_ops(torch::Library& m);
 void define_kd_loss_ops(torch::Library& m);
 void define_sparse_mlp_ops(torch::Library& m);
+void define_sparse_codebook_linear_ops(torch::Library& m);
 }  // namespace torchslim

@@ -58,3 +58,17 @@ def ref_kd_kl_div(student_logits, teacher_logits, temperature=1.0, reduction="ba
     if reduction == "mean":
         return per_row.sum() / max(student_logits.numel(), 1)
     raise ValueError(f"reduction must be 'batchmean', 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def ref_sparse_codebook_linear(input, row_ptr, col_idx, codes, codebook, bias=None):
+    """input @ W.T + bias with W[r, col_idx[k]] = codebook[code(k)] for k in row r's CSR range
+    (codes packed 4-bit when codes.numel() != nnz), zero elsewhere: decode to dense, then F.linear."""
+    nnz = col_idx.numel()
+    if codes.numel() != nnz:
+        codes = torch.stack((codes & 0x0F, codes >> 4), 1).reshape(-1)[:nnz]
+    out_f = row_ptr.numel() - 1
+    rows = torch.repeat_interleave(torch.arange(out_f, device=row_ptr.device), row_ptr.long().diff(),
+                                   output_size=nnz)
+    weight = torch.zeros(out_f, input.shape[-1], dtype=codebook.dtype, device=codebook.device)
+    weight = weight.index_put((rows, col_idx.long()), codebook[codes.long()])
+    return F.linear(input, weight, bias)
