@@ -580,3 +580,146 @@ def test_save_load_round_trip_of_shrunk_models(tmp_path):
     torchslim.save(heads, tmp_path / "heads.safetensors")
     again = torchslim.load(tmp_path / "heads.safetensors", model=copy.deepcopy(heads))
     torch.testing.assert_close(out(again, x), out(heads, x))
+
+
+# --------------------------------------------------------------------------- timm-style attention without timm
+
+
+class TimmStyleAttention(nn.Module):
+    """timm's Attention layout (fused qkv reshaped to (B, N, 3, heads, head_dim)); ``merge``
+    says how the heads are merged back: by -1 (prunable) or by the input width C (not)."""
+
+    def __init__(self, dim=24, num_heads=4, merge="-1"):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.merge = merge
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, -1)
+        return self.proj(x)
+
+
+class TimmStyleAttentionC(TimmStyleAttention):
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+def test_fused_qkv_attention_heads_zeroed_removed_exactly_in_float64():
+    torch.manual_seed(8)
+    model = nn.Sequential(TimmStyleAttention(), nn.GELU(), TimmStyleAttentionC()).double()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    with torch.no_grad():
+        a = model[0]
+        for part in range(3):
+            a.qkv.weight[part * 24 + 6:part * 24 + 12] = 0  # head 1
+            a.qkv.bias[part * 24 + 6:part * 24 + 12] = 0
+        a.proj.weight[:, 6:12] = 0
+    plan = prune_heads(model, 0.25, dry_run=True)
+    assert [(g.module, g.keep) for g in plan.groups] == [("0", [0, 2, 3])]
+    assert [g.module for g in plan.skipped] == ["2"] and "reshape(B, N, C)" in plan.skipped[0].reason
+    with pytest.warns(StructuredPruningWarning, match="reshape"):
+        small = prune_heads(model, 0.25, example_inputs=x)
+    assert small[0].num_heads == 3 and small[0].qkv.out_features == 54 and small[0].proj.in_features == 18
+    assert small[2].num_heads == 4
+    torch.testing.assert_close(small(x), model(x))
+
+
+# --------------------------------------------------------------------------- more skips by running
+
+
+class TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 6)
+        self.fc2 = nn.Linear(6, 6)
+        self.fc2.weight = self.fc1.weight
+        self.fc3 = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.block = nn.Linear(8, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.block(torch.relu(self.block(torch.relu(self.fc1(x)))))))
+
+
+class Summed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(h / h.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("model, pattern", [
+    (TiedPair(), r"layer 'fc1'.*shared with another module \(weight tying\)"),
+    (Twice(), r"layer 'fc1'.*'block' is called 2 times"),
+    (Summed(), r"layer 'fc1'.*\.sum\(\), which works across its dimension"),
+])
+def test_running_discovery_refuses_ties_shared_layers_and_reductions(model, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        prune_neurons(model, 0.5, example_inputs=torch.randn(3, 6))
+
+
+def test_codebook_consumer_is_skipped():
+    from torchslim.share import cluster_weights
+
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    cluster_weights(model, num_clusters=4, include=["4"])
+    x = torch.randn(3, 6)
+    with pytest.warns(StructuredPruningWarning, match=r"layer '2'.*CodebookLinear '4'.*before weight sharing"):
+        small = prune_neurons(model, 0.5, example_inputs=x)
+    assert small[0].out_features == 4 and small[2].out_features == 8
+
+
+class FixedWidthAttention(TimmStyleAttention):
+    """Merges heads back to a width stored at build time: pruning heads breaks it."""
+
+    def __init__(self):
+        super().__init__()
+        self.width = 24
+
+    def forward(self, x):
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, self.width))
+
+
+def test_prune_heads_checks_forward_on_example_inputs():
+    model = FixedWidthAttention()
+    x = torch.randn(2, 5, 24)
+    with pytest.raises(ValueError, match="no longer runs on example_inputs.*RuntimeError"):
+        prune_heads(model, 0.25, example_inputs=x)
+    assert model.num_heads == 4 and model(x).shape == (2, 5, 24)  # the input model is untouched
+
+
+def test_zero_width_hidden_layer_is_skipped():
+    model = nn.Sequential(nn.Linear(4, 0), nn.ReLU(), nn.Linear(0, 3), nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: zero-element init
+        plan = prune_neurons(model, 0.5, example_inputs=torch.randn(2, 4), dry_run=True)
+    assert [g.producers for g in plan.groups] == [["2"], ["3"]]
+    assert plan.skipped[0].producers == ["0"] and "width 0" in plan.skipped[0].reason

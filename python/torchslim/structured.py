@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-import math
 import numbers
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -419,8 +417,9 @@ _TRANSPOSE = {"transpose", "swapaxes", "swapdims", "permute", "t", "T", "mT", "H
 # name -> (position of the dim argument, keyword, default): default "all" reduces every dim.
 _DIM_OPS = {
     **{n: (1, "dim", "all") for n in ("sum", "mean", "nansum", "nanmean", "prod", "amax", "amin", "std", "var",
-                                       "all", "any", "median", "argmax", "argmin", "count_nonzero", "norm",
+                                       "all", "any", "median", "argmax", "argmin", "count_nonzero",
                                        "logsumexp", "max", "min")},
+    "norm": (2, "dim", "all"),  # x.norm(p, dim)
     **{n: (1, "dim", "all") for n in ("softmax", "log_softmax", "softmin")},
     **{n: (1, "dim", "all") for n in ("cumsum", "cumprod", "cummax", "cummin", "narrow", "select", "index_select",
                                        "gather")},
@@ -553,8 +552,9 @@ class _Tracker(TorchFunctionMode):
             else:
                 flow.opaque(outs, ins, f"it meets module {name!r} ({type(module).__name__}) on a {x.dim()}-D input, "
                                        "which does not normalise over its last dimension")
-        elif isinstance(module, nn.PReLU):
-            flow.preserve(outs, x) if ins else None
+        elif isinstance(module, nn.PReLU):  # one shared slope: element-wise
+            if ins:
+                flow.preserve(outs, x)
         else:  # a torchslim layer that cannot be sliced (CodebookLinear)
             flow.opaque(outs, ins, f"it feeds {type(module).__name__} {name!r}, which cannot be sliced "
                                    "(prune neurons before weight sharing)")
@@ -591,7 +591,10 @@ class _Tracker(TorchFunctionMode):
         if name in _EW:
             self._elementwise(outs, ins, desc)
         elif name in _CAST:
-            flow.preserve(outs, x) if x is not None else flow.opaque(outs, ins, None)
+            if x is not None:
+                flow.preserve(outs, x)
+            else:
+                flow.opaque(outs, ins, None)
         elif name in _LAYOUT and x is not None:
             if all(o.dim() >= 1 and x.dim() >= 1 and o.shape[-1] == x.shape[-1] for o in outs):
                 flow.preserve(outs, x)
@@ -613,7 +616,6 @@ class _Tracker(TorchFunctionMode):
             a, b = (args[1], args[0]) if name == "rmatmul" else (args[0], args[1])
             if flow.tag(a) is None and isinstance(b, torch.Tensor) and b.dim() >= 2 and flow.tag(b) is not None:
                 flow.preserve(outs, b)  # the rows of `a` mix positions, not features
-                flow.mark_downstream([a]) if isinstance(a, torch.Tensor) else None
             else:
                 flow.opaque(outs, ins, f"it is contracted by {desc}")
         else:
@@ -667,8 +669,6 @@ class _Tracker(TorchFunctionMode):
         if name in ("max", "min") and len(args) > 1 and isinstance(args[1], torch.Tensor):
             return self._elementwise(outs, ins, desc)  # torch.max(a, b) is element-wise
         dim = kwargs.get(kw, args[pos] if len(args) > pos else default)
-        if name in ("narrow", "select", "index_select", "gather", "cumsum", "cumprod") and len(args) > 1:
-            dim = kwargs.get(kw, args[1])
         if dim == "all" or dim is None:
             reaches = True
         else:
@@ -701,7 +701,7 @@ class _Tracker(TorchFunctionMode):
             flow.set(o, gid, taint)
 
 
-def _flow_by_running(model: nn.Module, example_inputs) -> _Flow:
+def _flow_by_running(model: nn.Module, example_inputs, label: str = "example_inputs") -> _Flow:
     flow = _Flow(keyed_by_tensor=True)
     names = {}
     for n, m in model.named_modules():
@@ -718,13 +718,12 @@ def _flow_by_running(model: nn.Module, example_inputs) -> _Flow:
             out = _call_model(model, example_inputs)
         outs = _tensors(out if not hasattr(out, "to_tuple") else out.to_tuple())
         flow.reach_output(outs)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, TypeError) and "example_inputs" in str(exc):
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        if isinstance(exc, TypeError) and str(exc).startswith("example_inputs"):
             raise
-        raise ValueError(f"example_inputs: running {type(model).__name__} on them failed: "
+        hint = "" if label == "example_inputs" else " (pass example_inputs=... that the model accepts)"
+        raise ValueError(f"{label}: running {type(model).__name__} on them failed{hint}: "
                          f"{type(exc).__name__}: {exc}") from exc
-    except RuntimeError as exc:
-        raise ValueError(f"example_inputs: running {type(model).__name__} on them failed: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
@@ -763,7 +762,6 @@ def _flow_by_fx(model: nn.Module) -> _Flow:
                          "prune_neurons can follow the model by running it") from exc
     modules = dict(model.named_modules())
     flow = _Flow(keyed_by_tensor=False)
-    params = {id(p) for p in model.parameters()}
 
     def inputs(node):
         found = []
@@ -831,7 +829,6 @@ def _flow_by_fx(model: nn.Module) -> _Flow:
             flow.opaque([node], ins, f"it meets {desc}, which combines it with other tensors")
             continue
         flow.opaque([node], ins, f"it meets {desc}, which is not a supported element-wise op")
-    _ = params
     return flow
 
 
@@ -873,6 +870,8 @@ def _neuron_plan(model: nn.Module, flow: _Flow, amount: float, criterion: str, s
             reasons.append("it is also part of the model's output")
         if not g.consumers and not reasons:
             reasons.append("it reaches no linear layer")
+        if g.width == 0:
+            reasons.append("it has no neurons (width 0)")
         loop = [p for p in g.producers if p in g.consumers]
         if loop:
             how = g.joins[0] if g.joins else "an element-wise op"
@@ -1073,7 +1072,7 @@ def prune_neurons(model: nn.Module, amount: float, criterion: str = "l1", exampl
         discovery = "dummy_inputs" if example_inputs is not None else "torch.fx"
     else:
         discovery = "example_inputs"
-    flow = _flow_by_fx(model) if discovery == "torch.fx" else _flow_by_running(model, example_inputs)
+    flow = _flow_by_fx(model) if discovery == "torch.fx" else _flow_by_running(model, example_inputs, discovery)
     plan = _neuron_plan(model, flow, amount, criterion, selected, discovery)
     if strict and plan.skipped:
         raise ValueError("prune_neurons(strict=True) cannot shrink " + _skip_message(plan.skipped))
@@ -1114,6 +1113,15 @@ def _child_name(parent: str, child: str) -> str:
     return f"{parent}.{child}" if parent else child
 
 
+def _forward_source(module: nn.Module) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+
+
 def _find_attention(model: nn.Module) -> tuple[list[_Attention], list[tuple[str, str]]]:
     """Known self-attention modules, and (name, reason) for attention-like modules that are not."""
     found, unknown, covered = [], [], set()
@@ -1151,6 +1159,9 @@ def _find_attention(model: nn.Module) -> tuple[list[_Attention], list[tuple[str,
             hd = int(getattr(m, "head_dim", _out_features(m.qkv) // (3 * heads)))
             if _out_features(m.qkv) != 3 * heads * hd:
                 unknown.append((name, f"qkv has {_out_features(m.qkv)} outputs, not 3 x {heads} heads x {hd}"))
+            elif "reshape(B, N, C)" in _forward_source(m):
+                unknown.append((name, f"{type(m).__name__}.forward reshapes the heads back to the input width "
+                                      "(reshape(B, N, C)), so no head can be removed without editing it"))
             else:
                 found.append(_Attention(name, "timm", None, None, None, _child_name(name, "qkv"),
                                         _child_name(name, "proj"), heads, heads, hd))
