@@ -319,8 +319,14 @@ def test_timm_vit_and_mixer():
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
                             num_classes=5).eval()
     x = torch.randn(2, 3, 32, 32)
-    small = quiet(prune_heads, quiet(prune_neurons, vit, 0.5, example_inputs=x), 0.25, example_inputs=x)
+    small = quiet(prune_neurons, vit, 0.5, example_inputs=x)
     assert small.blocks[0].mlp.fc1.out_features == vit.blocks[0].mlp.fc1.out_features // 2
+    plan = prune_heads(small, 0.25, dry_run=True)
+    if plan.groups:  # timm versions whose Attention merges heads with reshape(B, N, C) are skipped
+        small = quiet(prune_heads, small, 0.25, example_inputs=x)
+        assert small.blocks[0].attn.num_heads == vit.blocks[0].attn.num_heads - round(0.25 * vit.blocks[0].attn.num_heads)
+    else:
+        assert all("reshape(B, N, C)" in g.reason for g in plan.skipped)
     assert small(x).shape == (2, 5)
     mixer = timm.create_model("mixer_s16_224", pretrained=False, img_size=32, patch_size=8, num_blocks=2,
                               num_classes=5).eval()
