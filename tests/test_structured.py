@@ -729,3 +729,34 @@ def test_zero_width_hidden_layer_is_skipped():
         plan = prune_neurons(model, 0.5, example_inputs=torch.randn(2, 4), dry_run=True)
     assert [g.producers for g in plan.groups] == [["2"], ["3"]]
     assert plan.skipped[0].producers == ["0"] and "width 0" in plan.skipped[0].reason
+
+
+class WritesInto(nn.Module):
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        if self.where == "feature":
+            h[..., 0] = 0.0  # names neuron 0 by position
+        else:
+            h[0] = 0.0  # a row: element-wise for the features
+        return self.fc2(h)
+
+
+def test_writes_into_the_hidden_dimension():
+    x = torch.randn(3, 6)
+    plan = prune_neurons(WritesInto("feature"), 0.5, example_inputs=x, dry_run=True)
+    assert not plan.groups and "written into along its dimension" in plan.skipped[0].reason
+    model = WritesInto("row")
+    small = prune_neurons(model, 0.5, example_inputs=x)
+    keep = prune_neurons(model, 0.5, example_inputs=x, dry_run=True).groups[0].keep
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        cols = torch.ones(8, dtype=torch.bool)
+        cols[keep] = False
+        ref.fc2.weight[:, cols] = 0
+    torch.testing.assert_close(small(x), ref(x))

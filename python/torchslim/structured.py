@@ -411,7 +411,7 @@ _EW = _EW_UNARY | _EW_BINARY
 # Only the first argument carries data; the others give dtype, device or shape.
 _CAST = {"to", "type", "type_as"}
 _LAYOUT = {"view", "reshape", "view_as", "reshape_as", "flatten", "unflatten", "squeeze", "unsqueeze", "expand",
-           "expand_as", "broadcast_to", "repeat", "tile", "as_strided", "ravel"}
+           "expand_as", "broadcast_to", "repeat", "tile", "ravel"}
 _TRANSPOSE = {"transpose", "swapaxes", "swapdims", "permute", "t", "T", "mT", "H", "mH", "adjoint", "movedim",
               "moveaxis"}
 # name -> (position of the dim argument, keyword, default): default "all" reduces every dim.
@@ -578,10 +578,12 @@ class _Tracker(TorchFunctionMode):
         tracked = [t for t in ins if flow.get(t) is not None]
         if not tracked:
             return
+        name, _ = _func_name(func)
+        if name == "setitem" and len(args) >= 3 and isinstance(args[0], torch.Tensor):
+            return self._setitem(args, ins)
         outs = _tensors(out)
         if not outs:
             return  # metadata (x.shape, x.size()) or a Python scalar
-        name, _ = _func_name(func)
         if name in _FACTORY:
             return
         if any(isinstance(t, nn.Parameter) for t in ins):
@@ -622,6 +624,16 @@ class _Tracker(TorchFunctionMode):
             what = "a linear map outside a linear layer" if name in ("linear", "addmm", "einsum", "bilinear") \
                 else "not a supported element-wise op"
             flow.opaque(outs, ins, f"it meets {desc}, which is {what}")
+
+    def _setitem(self, args, ins) -> None:
+        """``x[index] = value`` writes into ``x``: an index along the hidden dimension names
+        neurons by position (wrong once others are removed); any other index is an
+        element-wise combination of ``x`` and ``value``."""
+        x, index = args[0], args[1]
+        if x.dim() >= 1 and _index_keeps_last_dim(index, x.dim()):
+            self._elementwise([x], ins, "method .__setitem__()")
+        else:
+            self.flow.opaque([x], ins, "it is written into along its dimension (x[..., i] = ...)")
 
     def _elementwise(self, outs, ins, desc) -> None:
         flow = self.flow
