@@ -534,13 +534,17 @@ def encode_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=None) -> nn.Module:
-    """The deployed form of a pruned + shared (zero_pinned) codebook layer.
+    """The deployed form of a pruned + shared (zero_pinned) codebook layer, from its labels
+    (uint8 [out, in], 0 = pruned) or straight from a file's sparse streams ``sparse`` =
+    (row_ptr int32 [out + 1], cols [nnz], kept codes uint8 [nnz]) without a dense array.
 
-    Hook: until the sparse-codebook kernel (``sparse_codebook_linear``, EIE-style: CSR
-    positions + 4-bit codes + codebook) lands, this is the deployed sparse linear holding
-    the decoded values (codebook[code] at every kept position). A
-    ``DeployedSparseCodebookLinear`` plugs in here, taking (row_ptr, cols, kept codes,
-    codebook, bias) instead of decoded values."""
+    Density <= 0.15 (``SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH``: the sparse-codebook kernel
+    is then at least as fast at batch 1): a ``DeployedSparseCodebookLinear`` holding the CSR
+    positions, the codes (4-bit packed when k <= 16) and the codebook, no decoded values.
+    Denser: the deployed sparse (or dense) linear holding the decoded values."""
+    from torchslim.nn.codebook_linear import SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
+    from torchslim.nn.deployed import DeployedSparseCodebookLinear
+
     if sparse is None:
         keep = labels != 0
         row_ptr = np.zeros(out_f + 1, dtype=np.int32)
@@ -549,15 +553,24 @@ def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=No
         kept = labels[keep].numpy()
     else:
         row_ptr, cols, kept = sparse
-    table = codebook.detach().to("cpu", acc_dtype(dtype)).numpy()
     kept = np.asarray(kept)
+    col_idx = torch.from_numpy(np.asarray(cols, dtype=np.int16 if index_dtype(in_f) == torch.int16 else np.int32))
+    row_ptr = torch.from_numpy(np.asarray(row_ptr, dtype=np.int32))
+    numel = in_f * out_f
+    k = int(codebook.numel())
+    if numel and kept.size / numel <= SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH:
+        if k <= 16:
+            codes = torch.from_numpy(np.frombuffer(_codec.nibble_pack(kept), dtype=np.uint8).copy())
+        else:
+            codes = torch.from_numpy(kept.astype(np.uint8, copy=True))
+        return DeployedSparseCodebookLinear(in_f, out_f, row_ptr, col_idx, codes,
+                                            codebook.detach().to(dtype).clone(), bias)
+    table = codebook.detach().to("cpu", acc_dtype(dtype)).numpy()
     values = np.empty(kept.size, dtype=table.dtype)
     step = 1 << 20  # lookups in chunks: numpy's fancy indexing makes an int64 copy of the indices
     for s in range(0, kept.size, step):
         values[s:s + step] = table[kept[s:s + step]]
-    col_idx = torch.from_numpy(np.asarray(cols, dtype=np.int16 if index_dtype(in_f) == torch.int16 else np.int32))
-    return deployed_sparse(in_f, out_f, torch.from_numpy(np.asarray(row_ptr, dtype=np.int32)), col_idx,
-                           torch.from_numpy(values), bias, dtype)
+    return deployed_sparse(in_f, out_f, row_ptr, col_idx, torch.from_numpy(values), bias, dtype)
 
 
 # type -> (encoder, decoder). CodebookLinear is looked up at call time (see codebook_cls).

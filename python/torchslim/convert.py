@@ -74,9 +74,21 @@ def to_dense(model: nn.Module) -> nn.Module:
 # to_sparse
 # --------------------------------------------------------------------------------------
 
-def _sparse_from(layer) -> MaskedSparseLinear:
+def _keeps_codebook(layer) -> bool:
+    """A pruned + shared layer sparse enough that its own sparse-codebook path beats the
+    decode to fp32 MaskedSparseLinear at batch 1."""
+    from torchslim.nn.codebook_linear import SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
+
+    return (isinstance(layer, _codebook_cls()) and layer.zero_pinned
+            and layer.density <= SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH)
+
+
+def _sparse_from(layer) -> nn.Module:
     """A MaskedSparseLinear computing what ``layer`` (a CodebookLinear or a deployed form)
-    does: masked where the weight is structurally zero."""
+    does: masked where the weight is structurally zero (a copy of ``layer`` itself when it
+    keeps its codebook, see to_sparse)."""
+    if _keeps_codebook(layer):
+        return copy.deepcopy(layer)
     dense = layer.to_dense()
     if isinstance(layer, DeployedSparseLinear):
         keep = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool, device=layer.values.device)
@@ -96,10 +108,14 @@ def to_sparse(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` prepared for fast inference by the sparse kernels, still
     trainable:
 
-    - every ``CodebookLinear`` becomes a ``MaskedSparseLinear`` holding the decoded weights,
-      masked where the index is the pinned zero (``zero_pinned`` layers; other layers keep
-      every weight): same function, run by the sparse kernels instead of the codebook kernel
-      (deployed forms become MaskedSparseLinear layers too);
+    - a pruned + shared ``CodebookLinear`` (``zero_pinned``) of density <= 0.15 stays a
+      ``CodebookLinear`` (copied): it runs its sparse-codebook path by itself (CSR + 4-bit
+      codes, faster there than decoded fp32 sparse values at batch 1, and smaller);
+    - every other ``CodebookLinear`` becomes a ``MaskedSparseLinear`` holding the decoded
+      weights, masked where the index is the pinned zero (denser ``zero_pinned`` layers, where
+      the fp32 sparse kernel is faster at batch 1; other layers keep every weight): same
+      function, run by the sparse kernels instead of the codebook kernel (deployed forms
+      become MaskedSparseLinear layers too);
     - every ``nn.Sequential`` holding a ``MaskedSparseLinear`` becomes a
       ``torchslim.nn.SparseSequential`` (same children and state_dict keys), which runs its
       sparse layers and the ReLUs between them as one fused call when no gradient is needed.
@@ -122,7 +138,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
 
     def walk(module):
         for name, child in list(module.named_children()):
-            if isinstance(child, convertible):
+            if isinstance(child, convertible) and not _keeps_codebook(child):  # (kept: shared codebooks stay shared)
                 setattr(module, name, _sparse_from(child))
             else:
                 walk(child)
@@ -153,7 +169,7 @@ def _deploy_layer(layer: nn.Module) -> nn.Module:
         out = fmt.deploy_pinned_codebook(layer.in_features, layer.out_features, layer.labels().cpu(),
                                          layer.effective_codebook().detach().cpu(),
                                          None if bias is None else bias.cpu(), layer.codebook.dtype)
-        return out.to(device)
+        return out.to(device)  # (DeployedSparseCodebookLinear at density <= 0.15, see deploy())
 
 
 def _fuse_deployed(model: nn.Module) -> nn.Module:
@@ -182,8 +198,11 @@ def deploy(model: nn.Module) -> nn.Module:
       ``col_idx``, run by the sparse kernel), or ``DeployedDenseLinear`` (the masked dense
       weight) for layers denser than 0.4, where the sparse kernel is slower;
     - ``CodebookLinear`` -> ``DeployedCodebookLinear`` (indices + codebook, the codebook
-      kernel); a pruned + shared (``zero_pinned``) one -> ``DeployedSparseLinear`` holding the
-      decoded values (a sparse-codebook kernel form will replace it);
+      kernel); a pruned + shared (``zero_pinned``) one of density <= 0.15 ->
+      ``DeployedSparseCodebookLinear`` (CSR positions + 4-bit codes + codebook, run from that
+      compressed form by ``sparse_codebook_linear``, at least as fast as the other forms at
+      batch 1 there); a denser zero_pinned one -> ``DeployedSparseLinear`` holding the
+      decoded values (``DeployedDenseLinear`` above density 0.4);
     - Sequential runs of deployed sparse layers (with ReLUs) -> ``DeployedSequential``: one
       fused call on the CPU.
 

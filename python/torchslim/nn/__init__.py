@@ -4,7 +4,8 @@ from torchslim.nn.codebook_linear import CodebookLinear
 from torchslim.nn.kd_loss import KDLoss
 from torchslim.nn.sparse_sequential import SparseSequential
 from torchslim.nn.deployed import (DeployedCodebookLinear, DeployedDenseLinear, DeployedSequential,
-                                   DeployedSparseLinear)
+                                   DeployedSparseCodebookLinear, DeployedSparseLinear)
 
 __all__ = ["MaskedSparseLinear", "CodebookLinear", "KDLoss", "SparseSequential", "DeployedSparseLinear",
-           "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSequential", "force_path", "forced_path"]
+           "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSparseCodebookLinear",
+           "DeployedSequential", "force_path", "forced_path"]

@@ -3,6 +3,7 @@ values (Deep Compression's weight sharing)."""
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -11,9 +12,54 @@ from torch import nn
 from torchslim.kmeans import INITS, assign, kmeans_1d
 from torchslim.ops import codebook_linear
 from torchslim.ops._reference import pack_int4, unpack_int4
+from torchslim.ops.sparse_codebook_linear import sparse_codebook_linear, sparse_codebook_pack
 
 MAX_CLUSTERS = 256
 PACKED_MAX_CLUSTERS = 16
+
+# Sparse-codebook rule for zero_pinned layers (measured against codebook_linear with 15
+# clusters + the pinned zero, packed, fp32; benchmarks/notes/sparse_codebook.md): the
+# sparse-codebook kernel is faster at density <= 0.15 for batch < 32, <= 0.4 from batch 32.
+SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH = 0.15
+SPARSE_CODEBOOK_MAX_DENSITY = 0.4
+SPARSE_CODEBOOK_MIN_BATCH = 32
+
+_sc_op = torch.ops.torchslim.sparse_codebook_linear.default
+_is_compiling = torch.compiler.is_compiling
+_REBUILD_LOCK = threading.Lock()
+
+
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors have no version counter (-1): identity and storage are all a cache
+    # can check for them, as in MaskedSparseLinear.
+    return -1 if t.is_inference() else t._version
+
+
+class _SparseCodes:
+    """(row_ptr, col_idx, codes) of a zero_pinned layer's ``indices`` (kept = index != 0),
+    valid while ``indices`` keeps its identity, storage and version."""
+
+    __slots__ = ("indices", "version", "ptr", "row_ptr", "col_idx", "codes", "nnz", "density")
+
+    def __init__(self, indices: torch.Tensor, labels: torch.Tensor, num_clusters: int):
+        # version / ptr read before deriving, so a racing edit leaves this marked stale.
+        self.indices, self.version, self.ptr = indices, _version(indices), indices.data_ptr()
+        # Ordinary tensors even under inference_mode: the op checks a structure once and
+        # remembers it by version counter, which inference tensors lack.
+        with torch.inference_mode(False), torch.no_grad():
+            self.row_ptr, self.col_idx, self.codes = sparse_codebook_pack(labels, None, num_clusters)
+        self.nnz = int(self.col_idx.shape[0])
+        self.density = self.nnz / labels.numel() if labels.numel() else 0.0
+
+    def valid_for(self, indices: torch.Tensor) -> bool:
+        return (self.indices is indices and self.ptr == indices.data_ptr()
+                and (self.version < 0 or self.version == indices._version))
+
+
+def sparse_codebook_faster(density: float, batch: int) -> bool:
+    """The measured rule: does the sparse-codebook kernel beat codebook_linear (fp32)?"""
+    limit = SPARSE_CODEBOOK_MAX_DENSITY if batch >= SPARSE_CODEBOOK_MIN_BATCH else SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
+    return density <= limit
 
 
 def _check_num_clusters(num_clusters) -> int:
@@ -55,6 +101,21 @@ class CodebookLinear(nn.Module):
       value; this is structural (no hook), so it survives state_dict, deepcopy, pickling and
       torch.compile. Since the stored value is 0 and its gradient is 0, SGD/Adam/AdamW
       weight decay (which scales with the value) leaves it at 0 too.
+
+    Sparse-codebook path (``zero_pinned`` layers). The layer then runs
+    ``torchslim.ops.sparse_codebook_linear`` on its kept positions only (CSR + one 4-bit code
+    per kept weight, the EIE layout) when that is faster than the dense-codebook kernel:
+    density (fraction of indices != 0) <= 0.15 at batch < 32, <= 0.4 at batch >= 32
+    (measured, fp32, benchmarks/notes/sparse_codebook.md). ``(row_ptr, col_idx, codes)`` are
+    derived from ``indices`` once and cached; they are rebuilt (under a lock, so threads may
+    share a layer) when ``indices`` changes: ``assign_indices``, ``load_state_dict``, ``.to()``,
+    an in-place edit (seen through the version counter; an inference tensor has none, so an
+    in-place edit of one inside inference_mode is not seen). Gradients flow to the input,
+    the codebook (codebook[0] still gets exactly 0) and the bias, as on the codebook path.
+    ``layer.last_path`` says which ran ("sparse_codebook" or "codebook");
+    ``torchslim.nn.force_path("sparse" / "dense")`` forces one. Under ``torch.compile`` the
+    layer always runs the codebook kernel (a compiled graph cannot check that the cached
+    structure is current), so compiled and eager results agree whatever is edited.
     """
 
     def __init__(self, in_features: int, out_features: int, num_clusters: int = 16, bias: bool = True,
@@ -80,6 +141,7 @@ class CodebookLinear(nn.Module):
             cols = (in_features + 1) // 2 if num_clusters <= PACKED_MAX_CLUSTERS else in_features
             self.register_buffer("indices", torch.empty(out_features, cols, dtype=torch.uint8, device=device))
         self.reconstruction_error: float | None = None  # set by from_dense / assign_indices
+        self.__dict__["_sc"] = None
 
     @classmethod
     def _uninitialized(cls, in_features, out_features, num_clusters, bias, zero_pinned, device, dtype):
@@ -210,7 +272,71 @@ class CodebookLinear(nn.Module):
         if isinstance(input, torch.Tensor) and input.dim() >= 1 and input.shape[-1] != self.in_features:
             raise ValueError(f"CodebookLinear: input.shape[-1] must be in_features = {self.in_features}, "
                              f"got input of shape {tuple(input.shape)}")
-        return codebook_linear(input, self.indices, self.effective_codebook(), self.bias)
+        indices = self._buffers["indices"]
+        if (self.zero_pinned and not _is_compiling() and isinstance(input, torch.Tensor)
+                and input.dtype == self.codebook.dtype and input.device == indices.device and indices.numel()):
+            sc = self.__dict__.get("_sc")
+            if sc is None or not sc.valid_for(indices):
+                sc = self._sparse_codes(indices)
+            from torchslim.nn.masked_sparse_linear import forced_path
+
+            forced = forced_path()
+            if forced is not None:
+                sparse = forced == "sparse"
+            else:
+                batch = input.numel() // self.in_features if self.in_features else 0
+                sparse = sparse_codebook_faster(sc.density, batch)
+            if sparse:
+                self.__dict__["_last_path"] = "sparse_codebook"
+                return _sc_op(input, sc.row_ptr, sc.col_idx, sc.codes, self.effective_codebook(), self.bias)
+        if not _is_compiling():
+            self.__dict__["_last_path"] = "codebook"
+        return codebook_linear(input, indices, self.effective_codebook(), self.bias)
+
+    def _sparse_codes(self, indices: torch.Tensor) -> _SparseCodes:
+        with _REBUILD_LOCK:
+            sc = self.__dict__.get("_sc")
+            if sc is None or not sc.valid_for(indices):
+                sc = _SparseCodes(indices, self.labels(), self.num_clusters)
+                self.__dict__["_sc"] = sc
+            return sc
+
+    def sparse_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(row_ptr, col_idx, codes)`` of the kept positions (zero_pinned layers), the
+        cached layout the sparse-codebook path runs."""
+        if not self.zero_pinned:
+            raise ValueError("sparse_codes: only a zero_pinned layer (pruned + shared) has kept positions")
+        indices = self._buffers["indices"]
+        sc = self.__dict__.get("_sc")
+        if sc is None or not sc.valid_for(indices):
+            sc = self._sparse_codes(indices)
+        return sc.row_ptr, sc.col_idx, sc.codes
+
+    @property
+    def density(self) -> float:
+        """Fraction of positions whose index is not the pinned zero (1.0 if not zero_pinned)."""
+        if not self.zero_pinned:
+            return 1.0
+        indices = self._buffers["indices"]
+        sc = self.__dict__.get("_sc")
+        if sc is not None and sc.valid_for(indices):
+            return sc.density
+        n = self.in_features * self.out_features
+        return float((self.labels() != 0).sum()) / n if n else 0.0
+
+    @property
+    def last_path(self) -> str | None:
+        """The path the last eager forward took: "sparse_codebook" or "codebook" (None before any)."""
+        return self.__dict__.get("_last_path")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_sc"] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_sc", None)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

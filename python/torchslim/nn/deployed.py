@@ -12,6 +12,11 @@ MaskedSparseLinear / CodebookLinear modules themselves).
   MaskedSparseLinear): it holds the masked dense weight, as ``nn.Linear`` would.
 - ``DeployedCodebookLinear``: cluster indices (4-bit packed for <= 16 clusters) + codebook,
   run by the codebook kernel.
+- ``DeployedSparseCodebookLinear``: a pruned + shared layer in its compressed form: CSR
+  positions (``row_ptr``, ``col_idx``), one 4-bit (or 8-bit) code per kept weight and the
+  codebook, run by ``sparse_codebook_linear`` (no decoded values). Deploy picks it for
+  zero_pinned layers of density <= 0.15 (there it is at least as fast as the other forms at
+  batch 1); denser ones get the decoded sparse (or dense) form.
 - ``DeployedSequential``: an ``nn.Sequential`` whose runs of float32 / float64
   DeployedSparseLinear layers (with ReLU, Identity, Dropout between them) run as one fused
   ``_sparse_mlp`` call on the CPU, as ``SparseSequential`` does for training-capable layers.
@@ -28,10 +33,12 @@ from torchslim.nn.masked_sparse_linear import SPARSE_MAX_DENSITY
 from torchslim.ops import codebook_linear
 from torchslim.ops._reference import unpack_int4
 
-__all__ = ["DeployedSparseLinear", "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSequential",
+__all__ = ["DeployedSparseLinear", "DeployedDenseLinear", "DeployedCodebookLinear", "DeployedSparseCodebookLinear",
+           "DeployedSequential",
            "DeployedLayerError", "DEPLOYED_TYPES"]
 
 _spmm = torch.ops.torchslim._masked_spmm.default
+_sc_op = torch.ops.torchslim.sparse_codebook_linear.default
 _sparse_mlp = torch.ops.torchslim._sparse_mlp.default
 _grad_enabled = torch.is_grad_enabled
 
@@ -231,7 +238,67 @@ class DeployedCodebookLinear(_Deployed):
                 f"K={self.num_clusters}, zero_pinned={self.zero_pinned}")
 
 
-DEPLOYED_TYPES = (DeployedSparseLinear, DeployedDenseLinear, DeployedCodebookLinear)
+class DeployedSparseCodebookLinear(_Deployed):
+    """``y = x @ W.T + b`` with W in the sparse-codebook (EIE) layout of
+    ``torchslim.ops.sparse_codebook_linear``: ``row_ptr`` int32 [out + 1], ``col_idx`` int16
+    (int32 when in_features > 32767) [nnz], ``codes`` uint8 (4-bit packed [ceil(nnz / 2)] when
+    num_clusters <= 16, else [nnz]), ``codebook`` [num_clusters] (codebook[0] is the pruned
+    zero, never read) and ``bias`` [out]. Nothing of size out * in or nnz is held in floating
+    point. Inputs of the codebook's dtype (``.to(dtype)`` converts codebook and bias)."""
+
+    def __init__(self, in_features: int, out_features: int, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+                 codes: torch.Tensor, codebook: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.num_clusters = int(codebook.numel())
+        if tuple(row_ptr.shape) != (self.out_features + 1,) or row_ptr.dtype != torch.int32:
+            raise ValueError(f"row_ptr must be int32 of shape ({self.out_features + 1},), got {row_ptr.dtype} "
+                             f"of shape {tuple(row_ptr.shape)}")
+        if col_idx.dim() != 1 or col_idx.dtype not in (torch.int16, torch.int32):
+            raise ValueError(f"col_idx must be a 1-D int16/int32 tensor, got {col_idx.dtype} of shape {tuple(col_idx.shape)}")
+        nnz = int(col_idx.shape[0])
+        ncodes = (nnz + 1) // 2 if self.num_clusters <= 16 else nnz
+        if codes.dtype != torch.uint8 or tuple(codes.shape) != (ncodes,):
+            raise ValueError(f"codes must be uint8 of shape ({ncodes},) ({'4-bit packed' if self.num_clusters <= 16 else 'one byte'} "
+                             f"per kept weight, {self.num_clusters} clusters), got {codes.dtype} of shape {tuple(codes.shape)}")
+        if codebook.dim() != 1 or not codebook.dtype.is_floating_point:
+            raise ValueError(f"codebook must be a 1-D floating tensor, got {codebook.dtype} of shape {tuple(codebook.shape)}")
+        self.register_buffer("row_ptr", row_ptr)
+        self.register_buffer("col_idx", col_idx)
+        self.register_buffer("codes", codes)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("bias", bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.codebook.dtype
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col_idx.shape[0])
+
+    @property
+    def density(self) -> float:
+        n = self.in_features * self.out_features
+        return self.nnz / n if n else 0.0
+
+    def _dense_weight(self) -> torch.Tensor:
+        from torchslim.ops.sparse_codebook_linear import sparse_codebook_unpack
+
+        labels, keep = sparse_codebook_unpack(self.row_ptr, self.col_idx, self.codes, self.in_features)
+        w = self.codebook.detach()[labels.long()]
+        return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input(input)
+        return _sc_op(input, self.row_ptr, self.col_idx, self.codes, self.codebook, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"K={self.num_clusters}, density={self.density:.4f}")
+
+
+DEPLOYED_TYPES = (DeployedSparseLinear, DeployedDenseLinear, DeployedCodebookLinear, DeployedSparseCodebookLinear)
 
 
 def deployed_sparse(in_features, out_features, row_ptr, col_idx, values, bias, dtype) -> nn.Module:
@@ -256,7 +323,8 @@ class DeployedSequential(nn.Sequential):
     ``nn.Dropout`` anywhere, as a deployed model is inference-only) run as one fused
     ``_sparse_mlp`` call. The run's concatenated arrays are built once (the layers' buffers
     become views into them, so nothing is held twice) and kept as non-persistent buffers;
-    other children, and inputs on other devices, run as ``nn.Sequential`` does."""
+    other children (DeployedSparseCodebookLinear layers too: separate calls between the fused
+    runs), and inputs on other devices, run as ``nn.Sequential`` does."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -363,6 +431,7 @@ def fuse_sequential(seq: nn.Sequential) -> nn.Sequential:
     from torchslim.nn.sparse_sequential import SparseSequential
 
     if type(seq) in (nn.Sequential, SparseSequential) and any(type(m) is DeployedSparseLinear for m in seq.children()):
+        # (a Sequential of sparse-codebook layers only has no fused run: it stays as it is)
         out = DeployedSequential(OrderedDict(seq._modules.items()))
         out.train(seq.training)
         return out
