@@ -34,6 +34,18 @@ from torch.utils.data import DataLoader, TensorDataset
 MODEL_FILE = "model.safetensors"
 
 
+def deployed_weight_bytes(model: nn.Module) -> int:
+    """Bytes of a (deployed) model's buffers and parameters, each storage counted once
+    (DeployedSequential's fused runs are views of one array)."""
+    seen, total = set(), 0
+    for t in [*model.buffers(), *model.parameters()]:
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
+
+
 @dataclass
 class PipelineConfig:
     data: Optional[str] = None          # None: scikit-learn digits; else .npz / .csv / MNIST IDX folder
@@ -360,18 +372,25 @@ class Pipeline:
 
     def deploy_stage(self, final: nn.Module, name: str = "deploy") -> nn.Module | None:
         """When the final model shares weights, add a ``deploy`` stage: the same file, run
-        as MaskedSparseLinear layers (decoded weights, pruned positions masked) after
-        loading (``torchslim.io.to_sparse``), i.e. by the sparse kernels instead of the
-        codebook kernel."""
-        from torchslim.io import to_sparse
+        as the deployed model (``torchslim.deploy``, what ``load(..., deploy=True)`` gives):
+        pruned + shared layers of density <= 0.15 in their compressed form
+        (DeployedSparseCodebookLinear: CSR positions + 4-bit codes + codebook), denser ones
+        as decoded sparse layers. The row reports the file's bytes (``bytes``) and the
+        deployed model's weight bytes (``weight_bytes``: its buffers and parameters)."""
+        import torchslim
         from torchslim.nn import CodebookLinear
 
         if not self.cfg.deploy_sparse or not any(isinstance(m, CodebookLinear) for m in final.modules()):
             return None
-        sparse = to_sparse(final)
-        self.measure(name, sparse, f"{self.stages[-1]['name']} file, run as sparse layers after loading "
-                                       f"(torchslim.io.to_sparse)", stored=final)
-        return sparse
+        deployed = torchslim.deploy(final)
+        forms = sorted({type(m).__name__ for m in deployed.modules() if type(m).__name__.startswith("Deployed")
+                        and type(m).__name__ != "DeployedSequential"})
+        weight_bytes = deployed_weight_bytes(deployed)
+        row = self.measure(name, deployed, f"{self.stages[-1]['name']} file, deployed ({', '.join(forms)}; "
+                                           f"{weight_bytes} B of weights running)", stored=final)
+        row["weight_bytes"] = weight_bytes
+        row["deploy_forms"] = forms
+        return deployed
 
     # -- outputs ---------------------------------------------------------------------
     def _write_outputs(self, final: nn.Module, elapsed: float, deploy: nn.Module | None = None) -> dict:
@@ -382,10 +401,8 @@ class Pipeline:
         torchslim.save(final.cpu() if self.device.type != "cpu" else final, model_path)
         final.to(self.device)
         reloaded = torchslim.load(model_path, device=self.device)
-        if deploy is not None:
-            from torchslim.io import to_sparse
-
-            reloaded = to_sparse(reloaded)
+        if deploy is not None:  # the deploy row's model, built from the file
+            reloaded = torchslim.load(model_path, device=self.device, deploy=True)
         reload_ok = self._accuracy(reloaded) == self.stages[-1]["accuracy"]
         if not reload_ok:  # pragma: no cover - io round trips are tested
             self.log("warning: the reloaded model's accuracy differs from the saved one's")
