@@ -9,7 +9,7 @@ from torch import nn
 
 import torchslim
 from torchslim.nn import CodebookLinear, MaskedSparseLinear
-from torchslim.nn.deployed import DEPLOYED_TYPES, DeployedLayerError
+from torchslim.nn.deployed import DEPLOYED_TYPES, DeployedLayerError, DeployedSparseLinear
 from torchslim.prune import magnitude_prune
 from torchslim.share import cluster_weights
 
@@ -119,6 +119,12 @@ def test_deploy_matches_and_refuses_gradients(tmp_path, name, how):
         layers = [m for m in dep.modules() if isinstance(m, DEPLOYED_TYPES)]
         assert layers and not any(isinstance(m, (MaskedSparseLinear, CodebookLinear)) for m in dep.modules())
         assert not any(p.requires_grad for p in dep.parameters())
+        if how == "both":  # pruned + shared layers of density <= 0.15 run from their compressed form
+            from torchslim.nn import DeployedSparseCodebookLinear
+
+            sck = [m for m in layers if isinstance(m, DeployedSparseCodebookLinear)]
+            assert sck and all(m.density <= 0.15 for m in sck)
+            assert all(m.density > 0.15 for m in layers if isinstance(m, DeployedSparseLinear))
         with torch.inference_mode():
             torch.testing.assert_close(_out(dep, x), ref, rtol=1e-4, atol=1e-5)
         with pytest.raises(DeployedLayerError, match="inference-only.*to_sparse"):
