@@ -298,3 +298,47 @@ def test_to_sparse_keeps_sparse_codebook_layers():
         torch.testing.assert_close(sp(x), model(x), rtol=1e-5, atol=1e-4)
     assert sp[0].last_path == "sparse_codebook"
     assert sp[0].codebook is not model[0].codebook  # a copy
+
+
+def test_save_deployed_and_load_back(tmp_path):
+    model = _mlp()
+    dep = torchslim.deploy(model)
+    path = tmp_path / "dep.safetensors"
+    torchslim.save(dep, path)
+    x = torch.randn(3, 784)
+    with torch.inference_mode():
+        want = dep(x)
+    for deploy in (False, True):
+        back = torchslim.load(path, deploy=deploy)
+        assert isinstance(back[0], DeployedSparseCodebookLinear) and isinstance(back[2], DeployedSparseCodebookLinear)
+        assert torch.equal(back[0].codes, dep[0].codes) and torch.equal(back[0].col_idx, dep[0].col_idx)
+        with torch.inference_mode():
+            torch.testing.assert_close(back(x), want)
+
+
+def test_save_refuses_nonzero_pinned_code():
+    layer = torchslim.deploy(_layer(32, 64, 0.1, seed=6))
+    with torch.no_grad():
+        layer.codebook[0] = 1.0
+    with pytest.raises(ValueError, match="codebook\\[0\\]"):
+        torchslim.save(layer, "/tmp/unused_sck.safetensors")
+
+
+def test_save_drops_kept_entries_of_the_pinned_code(tmp_path):
+    # a hand-built layer: row 0 keeps columns 3 (code 0 = the zero) and 1 (code 2), unordered
+    row_ptr = torch.tensor([0, 2, 3], dtype=torch.int32)
+    col_idx = torch.tensor([3, 1, 0], dtype=torch.int16)
+    codes = torch.tensor([0 | (2 << 4), 1], dtype=torch.uint8)
+    codebook = torch.tensor([0.0, 0.5, -1.5, 2.0])
+    layer = DeployedSparseCodebookLinear(4, 2, row_ptr, col_idx, codes, codebook, torch.tensor([0.25, -0.5]))
+    x = torch.randn(3, 4, dtype=torch.float64).float()
+    want = x @ torch.tensor([[0.0, -1.5, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0]]).t() + torch.tensor([0.25, -0.5])
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), want)
+    path = tmp_path / "one.safetensors"
+    torchslim.save(nn.Sequential(layer), path)
+    back = torchslim.load(path)[0]
+    assert isinstance(back, DeployedSparseCodebookLinear) and back.nnz == 2
+    assert back.col_idx.tolist() == [1, 0]
+    with torch.inference_mode():
+        torch.testing.assert_close(back(x), want)

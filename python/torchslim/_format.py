@@ -32,8 +32,8 @@ from torch import nn
 
 from torchslim import _codec
 from torchslim._layers import is_conv1d
-from torchslim.nn.deployed import (DeployedCodebookLinear, DeployedDenseLinear, DeployedSparseLinear,
-                                   deployed_sparse)
+from torchslim.nn.deployed import (DeployedCodebookLinear, DeployedDenseLinear, DeployedSparseCodebookLinear,
+                                   DeployedSparseLinear, deployed_sparse)
 from torchslim.nn.masked_sparse_linear import MaskedSparseLinear
 import torchslim.nn as _tsnn
 
@@ -242,6 +242,43 @@ def _enc_codebook(module, path: str, w: Writer) -> dict:
     return node
 
 
+def _enc_sparse_codebook(module, path: str, w: Writer) -> dict:
+    """A DeployedSparseCodebookLinear as a deployed, zero_pinned codebook node in the sparse
+    layout (rows / cols / codes streams, straight from its CSR + codes: no dense labels)."""
+    codebook = module.codebook
+    dtype = _float_check(codebook, f"{path or 'root'}.codebook")
+    k = int(codebook.numel())
+    key = w.codebooks.get(id(codebook))
+    if key is None:
+        key = f"cb{len(w.codebooks)}"
+        w.codebooks[id(codebook)] = key
+        w.codebook_meta[key] = {"k": k, "dtype": dtype}
+        w.tensor(f"{PREFIX}codebook/{key}", codebook.reshape(-1))
+    row_ptr = module.row_ptr.to("cpu").numpy().astype(np.int64)
+    cols = module.col_idx.to("cpu").numpy().astype(np.int64)
+    nnz = int(cols.size)
+    raw = module.codes.to("cpu").numpy()
+    kept = _codec.nibble_unpack(raw.tobytes(), nnz) if k <= 16 else raw
+    rows = np.repeat(np.arange(row_ptr.size - 1), np.diff(row_ptr))
+    order = np.lexsort((cols, rows))  # the file's column gaps need increasing columns within a row
+    cols, kept = cols[order], np.ascontiguousarray(kept[order], dtype=np.uint8)
+    if k and float(codebook[0]) != 0.0:
+        raise ValueError(f"torchslim.save: {path or 'root'}: a DeployedSparseCodebookLinear is saved in the pruned + "
+                         f"shared layout, whose codebook[0] is the pruned zero; got codebook[0] = {float(codebook[0])}")
+    if nnz and int(kept.min()) == 0:  # kept entries of code 0 are zero weights: the file stores none
+        keep = kept != 0
+        rows, cols, kept = rows[order][keep], cols[keep], kept[keep]
+        row_ptr = np.concatenate([np.zeros(1, np.int64), np.cumsum(np.bincount(rows, minlength=row_ptr.size - 1))])
+        nnz = int(cols.size)
+    rows_s, cols_s = _csr_streams(w, row_ptr, cols)
+    codes = w.encode(_codec.nibble_pack(kept) if k <= 16 else kept.tobytes())
+    w.commit(rows_s, cols_s, codes)
+    if module.bias is not None:
+        w.tensor(f"{PREFIX}{path}/bias", module.bias)
+    return {**_common(module, "DeployedSparseCodebookLinear", dtype), "k": k, "zero_pinned": True, "codebook": key,
+            "enc": "sparse", "nnz": nnz, "rows": rows_s[0], "cols": cols_s[0], "codes": codes[0], "packed": k <= 16}
+
+
 def unpack_labels(indices: torch.Tensor, in_features: int) -> torch.Tensor:
     from torchslim.ops._reference import unpack_int4
     return unpack_int4(indices, in_features)
@@ -260,7 +297,7 @@ def encode_layer(module: nn.Module, path: str, w: Writer) -> dict | None:
 
 def is_torchslim_layer(module: nn.Module) -> bool:
     return isinstance(module, (MaskedSparseLinear, codebook_cls(), DeployedSparseLinear, DeployedDenseLinear,
-                               DeployedCodebookLinear))
+                               DeployedCodebookLinear, DeployedSparseCodebookLinear))
 
 
 # --------------------------------------------------------------------------------------
@@ -450,7 +487,10 @@ def _dec_codebook(reader: Reader, path: str, node: dict, deploy: bool) -> nn.Mod
         keys.update({"nnz": v_int(0, 1 << 62), "rows": v_any, "cols": v_any, "packed": v_bool})
     need(reader, where, node, keys)
     in_f, out_f, k, key, dtype = node["in"], node["out"], node["k"], node["codebook"], _dtype(node)
-    deployed_in_file = node["type"] == "DeployedCodebookLinear"
+    deployed_in_file = node["type"] in ("DeployedCodebookLinear", "DeployedSparseCodebookLinear")
+    sck_in_file = node["type"] == "DeployedSparseCodebookLinear"  # (always the sparse layout)
+    if sck_in_file and node.get("enc") != "sparse":
+        raise reader.err(where, "a DeployedSparseCodebookLinear is stored in the sparse layout (enc='sparse')")
     meta = reader.codebook_meta.get(key)
     if not isinstance(meta, dict) or meta != {"k": k, "dtype": node["dtype"]}:
         raise reader.err(where, f"codebook {key[:40]!r} is not declared with k={k}, dtype={node['dtype']}")
@@ -490,13 +530,15 @@ def _dec_codebook(reader: Reader, path: str, node: dict, deploy: bool) -> nn.Mod
             raise reader.err(where, "sparse layout stores index 0 (the pruned code) at a kept position")
         if nnz and int(kept.max()) >= k:
             raise reader.err(where, f"cluster index {int(kept.max())} out of range for k={k}")
-        if deploy and not deployed_in_file:  # straight to the deployed form: no dense [out, in] array
+        if (deploy and not deployed_in_file) or sck_in_file:  # straight to the deployed form: no dense array
+            if sck_in_file and k and float(codebook[0]) != 0.0:
+                raise reader.err(where, "a zero_pinned deployed codebook must hold 0.0 at index 0")
             eff = codebook.detach().clone()
             eff[0] = 0.0
             bias = _bias(reader, where, path, node, dtype)
             with torch.inference_mode(False):
                 return deploy_pinned_codebook(in_f, out_f, None, eff, None if bias is None else bias.clone(), dtype,
-                                              (row_ptr, cols, kept))
+                                              (row_ptr, cols, kept), keep_form=sck_in_file)
         reader.charge(where, 3 * numel)
         labels = torch.zeros(numel, dtype=torch.uint8)
         labels[_flat(row_ptr, cols, in_f)] = torch.from_numpy(kept.copy())
@@ -533,7 +575,7 @@ def encode_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
     return pack_int4(labels).contiguous() if k <= 16 else labels.to(torch.uint8).contiguous()
 
 
-def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=None) -> nn.Module:
+def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=None, keep_form=False) -> nn.Module:
     """The deployed form of a pruned + shared (zero_pinned) codebook layer, from its labels
     (uint8 [out, in], 0 = pruned) or straight from a file's sparse streams ``sparse`` =
     (row_ptr int32 [out + 1], cols [nnz], kept codes uint8 [nnz]) without a dense array.
@@ -541,7 +583,8 @@ def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=No
     Density <= 0.15 (``SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH``: the sparse-codebook kernel
     is then at least as fast at batch 1): a ``DeployedSparseCodebookLinear`` holding the CSR
     positions, the codes (4-bit packed when k <= 16) and the codebook, no decoded values.
-    Denser: the deployed sparse (or dense) linear holding the decoded values."""
+    Denser: the deployed sparse (or dense) linear holding the decoded values.
+    ``keep_form``: a DeployedSparseCodebookLinear whatever the density (a saved one)."""
     from torchslim.nn.codebook_linear import SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
     from torchslim.nn.deployed import DeployedSparseCodebookLinear
 
@@ -558,7 +601,7 @@ def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=No
     row_ptr = torch.from_numpy(np.asarray(row_ptr, dtype=np.int32))
     numel = in_f * out_f
     k = int(codebook.numel())
-    if numel and kept.size / numel <= SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH:
+    if keep_form or (numel and kept.size / numel <= SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH):
         if k <= 16:
             codes = torch.from_numpy(np.frombuffer(_codec.nibble_pack(kept), dtype=np.uint8).copy())
         else:
@@ -579,10 +622,11 @@ LAYER_CODECS = {
     DeployedSparseLinear: (_enc_deployed_sparse, _dec_sparse),
     DeployedDenseLinear: (_enc_deployed_dense, _dec_dense),
     DeployedCodebookLinear: (_enc_codebook, _dec_codebook),
+    DeployedSparseCodebookLinear: (_enc_sparse_codebook, _dec_codebook),
 }
 DECODERS = {"MaskedSparseLinear": _dec_sparse, "DeployedSparseLinear": _dec_sparse,
             "DeployedDenseLinear": _dec_dense, "CodebookLinear": _dec_codebook,
-            "DeployedCodebookLinear": _dec_codebook}
+            "DeployedCodebookLinear": _dec_codebook, "DeployedSparseCodebookLinear": _dec_codebook}
 
 
 def decode_layer(reader: Reader, path: str, node, deploy: bool) -> nn.Module:
