@@ -332,15 +332,22 @@ def test_deterministic_algorithms_bitwise_repeatable(name, deterministic):
     assert torch.are_deterministic_algorithms_enabled()
     _, fn, leaves = next(c for c in _det_cases() if c[0] == name)
     runs = []
-    for _ in range(4):
-        out = fn(*leaves)
-        weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
-        grads = torch.autograd.grad((out * weight).sum(), leaves)
-        runs.append((out.detach(), grads))
-    for out, grads in runs[1:]:
-        assert torch.equal(out, runs[0][0]), f"{name}: forward differs between runs"
-        for i, (g, g0) in enumerate(zip(grads, runs[0][1])):
-            assert torch.equal(g, g0), f"{name}: gradient {i} differs between runs"
+    threads = torch.get_num_threads()
+    try:
+        # Repeats on 1..4 threads: a reduction whose order follows the thread split would
+        # give other bits on another thread count.
+        for n in (1, 2, 3, 4, 2):
+            torch.set_num_threads(n)
+            out = fn(*leaves)
+            weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+            grads = torch.autograd.grad((out * weight).sum(), leaves)
+            runs.append((n, out.detach(), grads))
+    finally:
+        torch.set_num_threads(threads)
+    for n, out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][1]), f"{name}: forward on {n} threads differs from 1 thread"
+        for i, (g, g0) in enumerate(zip(grads, runs[0][2])):
+            assert torch.equal(g, g0), f"{name}: gradient {i} on {n} threads differs from 1 thread"
 
 
 def test_deterministic_flag_restored():
