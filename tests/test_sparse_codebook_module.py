@@ -191,12 +191,18 @@ def test_deploy_from_model():
     with torch.no_grad():
         want = model(x)
     dep = torchslim.deploy(model)
+    assert type(dep) is DeployedSequential
     assert isinstance(dep[0], DeployedSparseCodebookLinear) and isinstance(dep[2], DeployedSparseCodebookLinear)
     assert not isinstance(dep[4], DeployedSparseCodebookLinear)  # density 0.5: a decoded form
     _assert_compressed_only(dep[0])
     with torch.inference_mode():
         got = dep(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dep(x), want, rtol=1e-5, atol=1e-4)  # grad mode on, input without grad: module calls
+    seen = []
+    dep[0].register_forward_hook(lambda *a: seen.append(1))
+    dep(x)
+    assert seen  # in grad mode the layers are module calls (hooks run)
     with torch.no_grad():
         torch.testing.assert_close(dep(x), want, rtol=1e-5, atol=1e-4)
     with pytest.raises(DeployedLayerError):

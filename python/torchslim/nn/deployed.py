@@ -323,8 +323,9 @@ class DeployedSequential(nn.Sequential):
     ``nn.Dropout`` anywhere, as a deployed model is inference-only) run as one fused
     ``_sparse_mlp`` call. The run's concatenated arrays are built once (the layers' buffers
     become views into them, so nothing is held twice) and kept as non-persistent buffers;
-    other children (DeployedSparseCodebookLinear layers too: separate calls between the fused
-    runs), and inputs on other devices, run as ``nn.Sequential`` does."""
+    other children, and inputs on other devices, run as ``nn.Sequential`` does, except that
+    DeployedSparseCodebookLinear layers (not part of the fused C++ chain) run as separate
+    op calls between the fused runs, without the module-call overhead outside grad mode."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -399,16 +400,15 @@ class DeployedSequential(nn.Sequential):
 
     def forward(self, input):
         runs = self._runs
-        if not runs or not isinstance(input, torch.Tensor) or input.device.type != "cpu" or (
-                _grad_enabled() and input.requires_grad):
+        if not isinstance(input, torch.Tensor) or (_grad_enabled() and input.requires_grad) or (
+                runs and input.device.type != "cpu"):
             return super().forward(input)
         children = tuple(self._modules.values())
         if children != self.__dict__.get("_built_for"):  # a child was replaced: the runs are stale
             return super().forward(input)
         x, i = input, 0
         for r, (start, stop, out_features) in enumerate(runs):
-            for m in children[i:start]:
-                x = m(x)
+            x = _run_between(children[i:start], x)
             first = children[start]
             b = self._buffers
             values = b[f"_run{r}_values"]
@@ -420,18 +420,38 @@ class DeployedSequential(nn.Sequential):
                 for m in children[start:stop]:
                     x = m(x)
             i = stop
-        for m in children[i:]:
+        return _run_between(children[i:], x)
+
+
+def _run_between(children, x):
+    """The children outside the fused runs, in order. Outside grad mode a
+    DeployedSparseCodebookLinear (and a ReLU right after it, in place on the op's fresh
+    output) is run by its op directly, without the module call: at batch 1 a module call
+    costs about as much as a small layer's kernel. (As for the fused layers, forward hooks
+    of those children are not called.)"""
+    lean = not _grad_enabled()
+    after_op = False
+    for m in children:
+        if (lean and type(m) is DeployedSparseCodebookLinear and isinstance(x, torch.Tensor) and x.dim() > 0
+                and x.shape[-1] == m.in_features and x.dtype == m.codebook.dtype):
+            x = _sc_op(x, m.row_ptr, m.col_idx, m.codes, m.codebook, m.bias)
+            after_op = True
+        elif after_op and type(m) is nn.ReLU:
+            x = torch.relu_(x)
+            after_op = False
+        else:  # (the module call, which also raises the clear errors)
             x = m(x)
-        return x
+            after_op = False
+    return x
 
 
 def fuse_sequential(seq: nn.Sequential) -> nn.Sequential:
-    """A DeployedSequential with the children of ``seq`` when it holds a deployed sparse
-    layer (plain ``nn.Sequential`` or SparseSequential only), else ``seq`` itself."""
+    """A DeployedSequential with the children of ``seq`` when it holds a deployed sparse or
+    sparse-codebook layer (plain ``nn.Sequential`` or SparseSequential only), else ``seq`` itself."""
     from torchslim.nn.sparse_sequential import SparseSequential
 
-    if type(seq) in (nn.Sequential, SparseSequential) and any(type(m) is DeployedSparseLinear for m in seq.children()):
-        # (a Sequential of sparse-codebook layers only has no fused run: it stays as it is)
+    if type(seq) in (nn.Sequential, SparseSequential) and any(
+            type(m) in (DeployedSparseLinear, DeployedSparseCodebookLinear) for m in seq.children()):
         out = DeployedSequential(OrderedDict(seq._modules.items()))
         out.train(seq.training)
         return out
