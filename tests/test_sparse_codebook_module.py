@@ -348,3 +348,23 @@ def test_save_drops_kept_entries_of_the_pinned_code(tmp_path):
     assert back.col_idx.tolist() == [1, 0]
     with torch.inference_mode():
         torch.testing.assert_close(back(x), want)
+
+
+def test_pipeline_deploy_row_reports_the_deployed_model(tmp_path):
+    import numpy as np
+
+    from torchslim.pipeline import PipelineConfig, run_pipeline
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 64)).astype(np.float32)
+    y = (x[:, :3].sum(1) > 0).astype(np.int64) + 2 * (x[:, 3] > 0)
+    np.savez(tmp_path / "d.npz", X=x, y=y)
+    payload = run_pipeline(PipelineConfig(data=str(tmp_path / "d.npz"), hidden=(256,), epochs=1, prune_epochs=1,
+                                          share_epochs=1, sparsity=0.95, bits=4, out=str(tmp_path / "o"),
+                                          progress=False, verbose=False, latency=False))
+    st = {s["name"]: s for s in payload["stages"]}
+    dep = st["deploy"]
+    assert "DeployedSparseCodebookLinear" in dep["deploy_forms"]
+    assert dep["bytes"] == st["shared"]["bytes"] and 0 < dep["weight_bytes"]
+    assert "B of weights running" in dep["note"]
+    assert payload["summary"]["reload_matches"] is True
