@@ -368,3 +368,29 @@ def test_pipeline_deploy_row_reports_the_deployed_model(tmp_path):
     assert dep["bytes"] == st["shared"]["bytes"] and 0 < dep["weight_bytes"]
     assert "B of weights running" in dep["note"]
     assert payload["summary"]["reload_matches"] is True
+
+
+def test_double_backward_on_the_sparse_path():
+    from torch.func import functional_call
+
+    layer = _layer(out_f=6, in_f=9, density=0.4, k=8, seed=8, dtype=torch.float64)
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    cb = layer.codebook.detach().clone().requires_grad_(True)
+    b = layer.bias.detach().clone().requires_grad_(True)
+
+    def f(x, c, b):
+        return functional_call(layer, {"codebook": c, "bias": b}, (x,))
+    with force_path("sparse"):
+        f(x, cb, b)
+        assert layer.last_path == "sparse_codebook"
+        assert torch.autograd.gradcheck(f, (x, cb, b))
+        assert torch.autograd.gradgradcheck(f, (x, cb, b))
+        # the input-gradient penalty reaches the codebook (second order), as on the codebook path
+        g, = torch.autograd.grad(f(x, cb, b).pow(2).sum(), x, create_graph=True)
+        got, = torch.autograd.grad(g.pow(2).sum(), cb)
+    with force_path("dense"):
+        g, = torch.autograd.grad(f(x, cb, b).pow(2).sum(), x, create_graph=True)
+        want, = torch.autograd.grad(g.pow(2).sum(), cb)
+        assert layer.last_path == "codebook"
+    torch.testing.assert_close(got, want)
+    assert got[1:].abs().sum() > 0 and got[0] == 0

@@ -56,6 +56,46 @@ class _SparseCodes:
                 and (self.version < 0 or self.version == indices._version))
 
 
+_sc_grad_input = torch.ops.torchslim.sparse_codebook_linear_grad_input.default
+_sc_grad_codebook = torch.ops.torchslim.sparse_codebook_linear_grad_codebook.default
+
+
+class _SparseCodebookFn(torch.autograd.Function):
+    """The sparse-codebook path with gradients. The first-order backward runs the op's
+    sparse gradient kernels; under ``create_graph=True`` (double backward, which the op's
+    codebook gradient does not support) it is written with differentiable dense ops."""
+
+    @staticmethod
+    def forward(ctx, input, codebook, bias, row_ptr, col_idx, codes, indices, in_features):
+        ctx.save_for_backward(input, codebook, row_ptr, col_idx, codes, indices)
+        ctx.in_features = in_features
+        return _sc_op(input, row_ptr, col_idx, codes, codebook, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        input, codebook, row_ptr, col_idx, codes, indices = ctx.saved_tensors
+        need_input, need_codebook, need_bias = ctx.needs_input_grad[:3]
+        gi = gc = gb = None
+        if torch.is_grad_enabled():
+            labels = (unpack_int4(indices, ctx.in_features) if codebook.numel() <= PACKED_MAX_CLUSTERS
+                      else indices).long()
+            kept = labels != 0
+            if need_input:
+                gi = grad @ torch.where(kept, codebook[labels], torch.zeros((), dtype=codebook.dtype))
+            if need_codebook:
+                g2, x2 = grad.reshape(-1, grad.shape[-1]), input.reshape(-1, input.shape[-1])
+                dw = torch.where(kept, g2.t() @ x2, torch.zeros((), dtype=grad.dtype))
+                gc = torch.zeros_like(codebook).index_add(0, labels.reshape(-1), dw.reshape(-1))
+        else:
+            if need_input:
+                gi = _sc_grad_input(grad, row_ptr, col_idx, codes, codebook, ctx.in_features)
+            if need_codebook:
+                gc = _sc_grad_codebook(grad, input, row_ptr, col_idx, codes, codebook)
+        if need_bias:
+            gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return gi, gc, gb, None, None, None, None, None
+
+
 def sparse_codebook_faster(density: float, batch: int) -> bool:
     """The measured rule: does the sparse-codebook kernel beat codebook_linear (fp32)?"""
     limit = SPARSE_CODEBOOK_MAX_DENSITY if batch >= SPARSE_CODEBOOK_MIN_BATCH else SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
@@ -274,7 +314,8 @@ class CodebookLinear(nn.Module):
                              f"got input of shape {tuple(input.shape)}")
         indices = self._buffers["indices"]
         if (self.zero_pinned and not _is_compiling() and isinstance(input, torch.Tensor)
-                and input.dtype == self.codebook.dtype and input.device == indices.device and indices.numel()):
+                and input.dtype == self.codebook.dtype and input.device == indices.device and indices.numel()
+                and indices.device.type != "meta"):
             sc = self.__dict__.get("_sc")
             if sc is None or not sc.valid_for(indices):
                 sc = self._sparse_codes(indices)
@@ -288,7 +329,12 @@ class CodebookLinear(nn.Module):
                 sparse = sparse_codebook_faster(sc.density, batch)
             if sparse:
                 self.__dict__["_last_path"] = "sparse_codebook"
-                return _sc_op(input, sc.row_ptr, sc.col_idx, sc.codes, self.effective_codebook(), self.bias)
+                bias = self.bias
+                if torch.is_grad_enabled() and (input.requires_grad or self.codebook.requires_grad
+                                                or (bias is not None and bias.requires_grad)):
+                    return _SparseCodebookFn.apply(input, self.effective_codebook(), bias, sc.row_ptr, sc.col_idx,
+                                                   sc.codes, indices, self.in_features)
+                return _sc_op(input, sc.row_ptr, sc.col_idx, sc.codes, self.effective_codebook(), bias)
         if not _is_compiling():
             self.__dict__["_last_path"] = "codebook"
         return codebook_linear(input, indices, self.effective_codebook(), self.bias)
