@@ -151,7 +151,9 @@ class CodebookLinear(nn.Module):
     share a layer) when ``indices`` changes: ``assign_indices``, ``load_state_dict``, ``.to()``,
     an in-place edit (seen through the version counter; an inference tensor has none, so an
     in-place edit of one inside inference_mode is not seen). Gradients flow to the input,
-    the codebook (codebook[0] still gets exactly 0) and the bias, as on the codebook path.
+    the codebook (codebook[0] still gets exactly 0) and the bias, as on the codebook path
+    (the first-order backward on the sparse kernels; ``create_graph=True`` backward as
+    differentiable dense ops).
     ``layer.last_path`` says which ran ("sparse_codebook" or "codebook");
     ``torchslim.nn.force_path("sparse" / "dense")`` forces one. Under ``torch.compile`` the
     layer always runs the codebook kernel (a compiled graph cannot check that the cached
