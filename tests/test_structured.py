@@ -644,27 +644,9 @@ def test_fused_qkv_attention_heads_zeroed_removed_exactly_in_float64():
 # --------------------------------------------------------------------------- more skips by running
 
 
-class TiedPair(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 6)
-        self.fc2 = nn.Linear(6, 6)
-        self.fc2.weight = self.fc1.weight
-        self.fc3 = nn.Linear(6, 2)
-
-    def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-class Twice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(6, 8)
-        self.block = nn.Linear(8, 8)
-        self.fc2 = nn.Linear(8, 2)
-
-    def forward(self, x):
-        return self.fc2(torch.relu(self.block(torch.relu(self.block(torch.relu(self.fc1(x)))))))
+# The fx-path tests in test_prune.py build the same small graphs; here they run through the
+# discovery that executes the model.
+from test_prune import Shared as Twice, Tied as TiedPair  # noqa: E402
 
 
 class Summed(nn.Module):
