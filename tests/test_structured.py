@@ -568,16 +568,11 @@ def test_bad_arguments():
 def test_save_load_round_trip_of_shrunk_models(tmp_path):
     import torchslim
 
-    if not hasattr(torchslim, "save"):
-        pytest.skip("torchslim.save is not available")
     model = llama()
     x = ids()
     small = quiet(prune_neurons, model, 0.5)
     path = tmp_path / "llama.safetensors"
-    try:
-        torchslim.save(small, path)
-    except ValueError as exc:  # an older file format that only stores Sequential models
-        pytest.skip(f"torchslim.save does not store this model: {exc}")
+    torchslim.save(small, path)
     # the updated config rebuilds the shrunk architecture
     skeleton = transformers.LlamaForCausalLM(small.config).eval()
     loaded = torchslim.load(path, model=skeleton)
@@ -586,6 +581,22 @@ def test_save_load_round_trip_of_shrunk_models(tmp_path):
     torchslim.save(heads, tmp_path / "heads.safetensors")
     again = torchslim.load(tmp_path / "heads.safetensors", model=copy.deepcopy(heads))
     torch.testing.assert_close(out(again, x), out(heads, x))
+
+
+def test_shrunk_model_pruned_and_deployed():
+    """Structured, then unstructured pruning on top: the deployed form of the shrunk model
+    computes what it computes, from its compressed layers only."""
+    import torchslim
+    from torchslim.nn.deployed import DeployedSparseLinear
+    from torchslim.prune import magnitude_prune
+
+    x = ids()
+    small = quiet(prune_neurons, llama(), 0.5)
+    magnitude_prune(small, 0.9, exclude="*lm_head")
+    deployed = torchslim.deploy(small)
+    assert any(isinstance(m, DeployedSparseLinear) for m in deployed.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(out(deployed, x), out(small, x), rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- timm-style attention without timm
