@@ -248,7 +248,7 @@ def test_deployed_sequential_mixes_fused_runs_and_sparse_codebook_layers():
     dep = torchslim.deploy(model)
     assert type(dep) is DeployedSequential
     assert isinstance(dep[4], DeployedSparseCodebookLinear) and isinstance(dep[0], DeployedSparseLinear)
-    assert [r[:2] for r in dep._runs] == [(0, 4), (6, 7)]  # the sparse-codebook layer runs between them
+    assert [r[:2] for r in dep._runs] == [(0, 4), (4, 6), (6, 7)]  # the sparse-codebook layer: a run of its own
     with torch.inference_mode():
         torch.testing.assert_close(dep(x), want, rtol=1e-5, atol=1e-5)
 

@@ -21,11 +21,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <memory>
 #include <vector>
 
 #include "kernels/cpu/masked_linear.h"
+#include "kernels/cpu/sparse_codebook_linear.h"
 #include "kernels/cpu/sparse_mlp.h"
 #include "ops/grain.h"
 #include "ops/registration.h"
@@ -259,13 +261,226 @@ Tensor sparse_mlp(const Tensor& input, const Tensor& plan, const Tensor& values,
   return y;
 }
 
+// ------------------------------------------------------------ sparse-codebook chain
+//   _sparse_codebook_mlp(input, plan, codebooks, row_ptr, col_idx, codes, bias, out_features)
+//
+// The same chain for pruned + shared layers in the sparse-codebook layout
+// (kernels/cpu/sparse_codebook_linear.h: CSR positions, one code per kept weight, a
+// codebook). plan is int64 [L, 9], one row per layer:
+//   in_features, out_features, row_ptr offset, col_idx offset, codes offset (bytes),
+//   codebook offset, num_clusters K (codes 4-bit packed when K <= 16, else one byte each),
+//   bias offset (-1: no bias), activation (0: none, 1: ReLU).
+// Each layer's codes start on a byte boundary. Checks as for _sparse_mlp: the plan on every
+// call (without overflow), every index (row_ptr order, columns, codes < K) once per
+// (plan, row_ptr, col_idx, codes) state. The products are the per-layer op's kernels
+// (batch-1 GEMV below kScMaxRowBatch rows, the batched kernel on transposed activations
+// above), so a chain gives what the per-layer op calls give, including for non-finite
+// inputs (a pruned weight reads nothing, as in sparse_codebook_linear).
+namespace sck = torchslim::cpu::sck;
+
+constexpr int64_t kScPlanCols = 9;
+// The per-layer op's switch to its batched kernel (kSpmvMaxBatch in sparse_codebook_linear.cpp).
+constexpr int64_t kScMaxRowBatch = 4;
+// Tag of the structure check: the masked tags are >= 0, the per-layer codebook ones <= -2.
+constexpr int64_t kScCheckTag = -1;
+
+struct ScLayer {
+  sck::Structure s;
+  int64_t nnz, cb_off, bias_off;
+  bool relu;
+};
+
+std::vector<ScLayer> read_sc_plan(const Tensor& input, const Tensor& plan, const Tensor& codebooks,
+                                  const Tensor& row_ptr, const Tensor& col_idx, const Tensor& codes, const Tensor& bias,
+                                  int64_t out_features) {
+  const char* op = "_sparse_codebook_mlp";
+  TORCH_CHECK(input.dim() >= 1 && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble), op,
+              ": input must be a float32 or float64 tensor [..., in_features], got ", input.scalar_type(),
+              " of shape ", input.sizes());
+  TORCH_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 &&
+                  plan.size(0) >= 1 && plan.size(1) == kScPlanCols && plan.is_contiguous(),
+              op, ": plan must be a contiguous int64 CPU tensor [layers >= 1, ", kScPlanCols, "], got ",
+              plan.scalar_type(), " of shape ", plan.sizes());
+  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(), op,
+              ": row_ptr must be a contiguous 1-D int32 tensor, got ", row_ptr.scalar_type(), " of shape ",
+              row_ptr.sizes());
+  TORCH_CHECK((col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt) && col_idx.dim() == 1 &&
+                  col_idx.is_contiguous(),
+              op, ": col_idx must be a contiguous 1-D int16 or int32 tensor, got ", col_idx.scalar_type(),
+              " of shape ", col_idx.sizes());
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(), op,
+              ": codes must be a contiguous 1-D uint8 tensor, got ", codes.scalar_type(), " of shape ", codes.sizes());
+  TORCH_CHECK(codebooks.scalar_type() == input.scalar_type() && codebooks.dim() == 1 && codebooks.is_contiguous(), op,
+              ": codebooks must be a contiguous 1-D ", input.scalar_type(), " tensor, got ", codebooks.scalar_type(),
+              " of shape ", codebooks.sizes());
+  TORCH_CHECK(bias.scalar_type() == input.scalar_type() && bias.dim() == 1 && bias.is_contiguous(), op,
+              ": bias must be a contiguous 1-D ", input.scalar_type(), " tensor, got ", bias.scalar_type(),
+              " of shape ", bias.sizes());
+  for (const Tensor* t : {&input, &codebooks, &row_ptr, &col_idx, &codes, &bias}) {
+    TORCH_CHECK(t->device().is_cpu(), op, ": every tensor must be on the CPU, got one on ", t->device());
+  }
+  const int64_t L = plan.size(0);
+  const int64_t* p = plan.data_ptr<int64_t>();
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const bool col32 = col_idx.scalar_type() == at::kInt;
+  const auto* ci = static_cast<const char*>(col_idx.const_data_ptr());
+  const uint8_t* cd = codes.data_ptr<uint8_t>();
+  std::vector<ScLayer> layers(L);
+  int64_t width = input.size(-1);
+  const bool structure_known_valid = known_valid({&plan, &row_ptr, &col_idx, &codes}, kScCheckTag);
+  if (!structure_known_valid) count_index_check();
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t* q = p + l * kScPlanCols;
+    const int64_t in = q[0], out = q[1], rp_off = q[2], nnz_off = q[3], codes_off = q[4], cb_off = q[5], K = q[6],
+                  bias_off = q[7], act = q[8];
+    TORCH_CHECK(in == width, op, ": layer ", l, " has in_features ", in, " but its input has width ", width,
+                l == 0 ? " (input.shape[-1])" : " (the previous layer's out_features)");
+    // Arranged so that no term can overflow, whatever the plan holds.
+    TORCH_CHECK(out >= 0 && out < row_ptr.size(0) && (act == 0 || act == 1), op, ": layer ", l, " has out_features ",
+                out, " and activation ", act, "; expected 0 <= out_features < row_ptr length (", row_ptr.size(0),
+                ") and activation 0 (none) or 1 (ReLU)");
+    TORCH_CHECK(rp_off >= 0 && rp_off <= row_ptr.size(0) - 1 - out, op, ": layer ", l, " needs out_features + 1 = ",
+                out + 1, " row_ptr entries from offset ", rp_off, ", row_ptr has ", row_ptr.size(0), " entries");
+    const int32_t* lrp = rp + rp_off;
+    TORCH_CHECK(lrp[0] == 0, op, ": layer ", l, ": its row_ptr must start at 0, got ", lrp[0]);
+    const int64_t nnz = lrp[out];
+    TORCH_CHECK(nnz_off >= 0 && nnz >= 0 && nnz_off <= col_idx.size(0) - nnz, op, ": layer ", l, " needs ", nnz,
+                " col_idx entries from offset ", nnz_off, ", col_idx has ", col_idx.size(0), " entries");
+    TORCH_CHECK(K >= 1 && K <= 256, op, ": layer ", l, " has num_clusters ", K, "; expected 1..256");
+    const bool packed = K <= 16;
+    const int64_t ncodes = packed ? (nnz + 1) / 2 : nnz;
+    TORCH_CHECK(codes_off >= 0 && codes_off <= codes.size(0) - ncodes, op, ": layer ", l, " needs ", ncodes,
+                packed ? " packed 4-bit" : " one-byte", " codes bytes from offset ", codes_off, ", codes has ",
+                codes.size(0), " bytes");
+    TORCH_CHECK(cb_off >= 0 && cb_off <= codebooks.size(0) - K, op, ": layer ", l, " needs ", K,
+                " codebook entries from offset ", cb_off, ", codebooks has ", codebooks.size(0), " entries");
+    TORCH_CHECK(bias_off == -1 || (bias_off >= 0 && bias_off <= bias.size(0) - out), op, ": layer ", l, " needs ",
+                out, " bias entries from offset ", bias_off, ", bias has ", bias.size(0),
+                " entries (bias offset -1 means no bias)");
+    TORCH_CHECK(col32 || in <= 32767, op, ": layer ", l, " has in_features ", in,
+                ", which int16 col_idx cannot index; use int32");
+    ScLayer& y = layers[l];
+    y.s.row_ptr = lrp;
+    y.s.col = ci + nnz_off * (col32 ? 4 : 2);
+    y.s.col32 = col32;
+    y.s.codes = cd + codes_off;
+    y.s.packed = packed;
+    y.s.rows = out;
+    y.s.cols = in;
+    y.s.num_clusters = static_cast<int>(K);
+    y.nnz = nnz;
+    y.cb_off = cb_off;
+    y.bias_off = bias_off;
+    y.relu = act == 1;
+    width = out;
+    if (structure_known_valid) continue;
+    sck::Check c = sck::check_row_ptr(y.s, nnz);
+    TORCH_CHECK(c.fault != sck::Fault::Decreasing, op, ": layer ", l, ": row_ptr decreases after row ", c.where,
+                " (to ", c.value, ")");
+    TORCH_CHECK(c.fault == sck::Fault::None, op, ": layer ", l, ": invalid row_ptr at row ", c.where);
+    c = sck::check_entries(y.s, 0, nnz);
+    TORCH_CHECK(c.fault != sck::Fault::ColumnOutOfRange, op, ": layer ", l, ": col_idx entry ", c.where, " is ",
+                c.value, ", outside [0, in_features = ", in, ")");
+    TORCH_CHECK(c.fault != sck::Fault::CodeOutOfRange, op, ": layer ", l, ": codes entry ", c.where, " is ", c.value,
+                " but the layer has only ", K, " codebook entries (valid codes are 0..", K - 1, ")");
+    TORCH_CHECK(c.fault == sck::Fault::None, op, ": layer ", l, ": invalid structure at entry ", c.where);
+  }
+  if (!structure_known_valid) remember_valid({&plan, &row_ptr, &col_idx, &codes}, kScCheckTag);
+  TORCH_CHECK(out_features == width, op, ": out_features (", out_features, ") must equal the last layer's (", width,
+              ")");
+  return layers;
+}
+
+template <typename T>
+struct ScChain {
+  const std::vector<ScLayer>& layers;
+  const T* codebooks;
+  const T* bias;
+
+  const T* layer_bias(const ScLayer& y) const { return y.bias_off < 0 ? nullptr : bias + y.bias_off; }
+  // The layer's codebook padded to 256 entries (the kernels' table: no code reads outside it).
+  std::array<T, 256> table(const ScLayer& y) const {
+    std::array<T, 256> t{};
+    std::copy(codebooks + y.cb_off, codebooks + y.cb_off + y.s.num_clusters, t.begin());
+    return t;
+  }
+
+  // Row by row (the batch-1 kernel), x [B, layers[0].in] into out [B, last out].
+  void rows(const T* x, int64_t B, T* out) const {
+    std::vector<T> h(x, x + B * layers[0].s.cols), next;
+    for (size_t l = 0; l < layers.size(); ++l) {
+      const ScLayer& y = layers[l];
+      const bool last = l + 1 == layers.size();
+      if (!last) next.resize(B * y.s.rows);
+      T* dst = last ? out : next.data();
+      const std::array<T, 256> t = table(y);
+      for (int64_t b = 0; b < B; ++b) {
+        at::parallel_for(0, y.s.rows, layer_grain(y.nnz, y.s.rows, kSpmvEntryCost), [&](int64_t r0, int64_t r1) {
+          sck::spmv(y.s, t.data(), h.data() + b * y.s.cols, layer_bias(y), dst + b * y.s.rows, r0, r1);
+        });
+      }
+      sm::relu_all_finite(dst, B * y.s.rows, y.relu);
+      if (!last) h.swap(next);
+    }
+  }
+
+  // Batched: transposed activations [width, nbp] through the whole chain (one transpose
+  // in, one out), as the per-layer op's batched path does per layer.
+  void batched(const T* x, int64_t B, T* out) const {
+    const int64_t nbp = (B + sck::kBatchPad - 1) / sck::kBatchPad * sck::kBatchPad;
+    const int64_t K0 = layers[0].s.cols;
+    int64_t widest = K0;
+    for (const ScLayer& y : layers) widest = std::max(widest, y.s.rows);
+    T* ht = scratch<T>(0, widest * nbp);
+    T* next = scratch<T>(1, widest * nbp);
+    at::parallel_for(0, K0, std::max<int64_t>(16, kGrainWork / nbp),
+                     [&](int64_t c0, int64_t c1) { sck::transpose_pad(x, K0, B, nbp, ht, nbp, c0, c1); });
+    for (const ScLayer& y : layers) {
+      const std::array<T, 256> t = table(y);
+      at::parallel_for(0, y.s.rows, layer_grain(y.nnz, y.s.rows, nbp), [&](int64_t r0, int64_t r1) {
+        sck::spmm_t(y.s, t.data(), ht, nbp, nbp, layer_bias(y), next, nbp, r0, r1);
+        sm::relu_all_finite(next + r0 * nbp, (r1 - r0) * nbp, y.relu);
+      });
+      std::swap(ht, next);
+    }
+    const int64_t N = layers.back().s.rows;
+    at::parallel_for(0, B, std::max<int64_t>(16, kGrainWork / std::max<int64_t>(N, 1)),
+                     [&](int64_t b0, int64_t b1) { sck::transpose_pad(ht, nbp, N, N, out, N, b0, b1); });
+  }
+};
+
+Tensor sparse_codebook_mlp(const Tensor& input, const Tensor& plan, const Tensor& codebooks, const Tensor& row_ptr,
+                           const Tensor& col_idx, const Tensor& codes, const Tensor& bias, int64_t out_features) {
+  const std::vector<ScLayer> layers =
+      read_sc_plan(input, plan, codebooks, row_ptr, col_idx, codes, bias, out_features);
+  const int64_t K0 = input.size(-1);
+  int64_t B = 1;
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) B *= input.size(d);
+  const Tensor x2d = input.reshape({B, K0}).contiguous();
+  std::vector<int64_t> shape(input.sizes().begin(), input.sizes().end() - 1);
+  shape.push_back(out_features);
+  Tensor y = at::empty(shape, input.options());
+  if (B == 0 || out_features == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "_sparse_codebook_mlp", [&] {
+    const ScChain<scalar_t> chain{layers, codebooks.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>()};
+    if (B < kScMaxRowBatch) chain.rows(x2d.data_ptr<scalar_t>(), B, y.data_ptr<scalar_t>());
+    else chain.batched(x2d.data_ptr<scalar_t>(), B, y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
 }  // namespace
 
 void define_sparse_mlp_ops(torch::Library& m) {
   m.def("_sparse_mlp(Tensor input, Tensor plan, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor bias, "
         "int out_features) -> Tensor");
+  m.def("_sparse_codebook_mlp(Tensor input, Tensor plan, Tensor codebooks, Tensor row_ptr, Tensor col_idx, "
+        "Tensor codes, Tensor bias, int out_features) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(torchslim, CPU, m) { m.impl("_sparse_mlp", &sparse_mlp); }
+TORCH_LIBRARY_IMPL(torchslim, CPU, m) {
+  m.impl("_sparse_mlp", &sparse_mlp);
+  m.impl("_sparse_codebook_mlp", &sparse_codebook_mlp);
+}
 
 }  // namespace torchslim

@@ -15,7 +15,7 @@
 namespace torchslim {
 namespace {
 
-constexpr size_t kMaxTensors = 3;
+constexpr size_t kMaxTensors = 4;  // (_sparse_codebook_mlp: plan, row_ptr, col_idx, codes)
 constexpr size_t kMinSweep = 256;  // table size below which freed entries are left in place
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;

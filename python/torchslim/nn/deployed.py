@@ -19,7 +19,9 @@ MaskedSparseLinear / CodebookLinear modules themselves).
   batch 1); denser ones get the decoded sparse (or dense) form.
 - ``DeployedSequential``: an ``nn.Sequential`` whose runs of float32 / float64
   DeployedSparseLinear layers (with ReLU, Identity, Dropout between them) run as one fused
-  ``_sparse_mlp`` call on the CPU, as ``SparseSequential`` does for training-capable layers.
+  ``_sparse_mlp`` call on the CPU, as ``SparseSequential`` does for training-capable layers,
+  and whose runs of DeployedSparseCodebookLinear layers run as one ``_sparse_codebook_mlp``
+  call (from the codes, no decoded values).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ __all__ = ["DeployedSparseLinear", "DeployedDenseLinear", "DeployedCodebookLinea
 _spmm = torch.ops.torchslim._masked_spmm.default
 _sc_op = torch.ops.torchslim.sparse_codebook_linear.default
 _sparse_mlp = torch.ops.torchslim._sparse_mlp.default
+_sc_mlp = torch.ops.torchslim._sparse_codebook_mlp.default
 _grad_enabled = torch.is_grad_enabled
 
 
@@ -321,15 +324,17 @@ class DeployedSequential(nn.Sequential):
     """``nn.Sequential`` of deployed layers whose runs of CPU float32 / float64
     DeployedSparseLinear layers (each followed by at most one ``nn.ReLU``; ``nn.Identity`` and
     ``nn.Dropout`` anywhere, as a deployed model is inference-only) run as one fused
-    ``_sparse_mlp`` call. The run's concatenated arrays are built once (the layers' buffers
-    become views into them, so nothing is held twice) and kept as non-persistent buffers;
-    other children, and inputs on other devices, run as ``nn.Sequential`` does, except that
-    DeployedSparseCodebookLinear layers (not part of the fused C++ chain) run as separate
-    op calls between the fused runs, without the module-call overhead outside grad mode."""
+    ``_sparse_mlp`` call, and runs of such DeployedSparseCodebookLinear layers as one
+    ``_sparse_codebook_mlp`` call (a run holds layers of one kind; a sparse layer next to a
+    sparse-codebook one starts a new run). The run's concatenated arrays are built once (the
+    layers' buffers become views into them, so nothing is held twice) and kept as
+    non-persistent buffers; other children, and inputs on other devices, run as
+    ``nn.Sequential`` does, except that DeployedSparseCodebookLinear layers outside a run
+    (e.g. bfloat16 ones) run as op calls without the module-call overhead outside grad mode."""
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._runs: list[tuple[int, int, int]] = []  # (start, stop, out_features)
+        self._runs: list[tuple[int, int, int, bool]] = []  # (start, stop, out_features, sparse-codebook run)
         self._build_runs()
 
     def _build_runs(self) -> None:
@@ -354,16 +359,24 @@ class DeployedSequential(nn.Sequential):
         self._runs = []
         self.__dict__["_built_for"] = tuple(children)  # runs are valid for these children only
         for r, (start, stop, layers, relu) in enumerate(runs):
-            self._pack(r, layers, relu)
-            self._runs.append((start, stop, layers[-1].out_features))
+            codebook = type(layers[0]) is DeployedSparseCodebookLinear
+            (self._pack_codebook if codebook else self._pack)(r, layers, relu)
+            self._runs.append((start, stop, layers[-1].out_features, codebook))
 
     @staticmethod
     def _fusable(m, previous) -> bool:
-        if type(m) is not DeployedSparseLinear or m.dtype not in (torch.float32, torch.float64):
+        if type(m) is DeployedSparseLinear:
+            data = m.values
+        elif type(m) is DeployedSparseCodebookLinear:
+            data = m.codebook
+            if m.bias is not None and m.bias.dtype != m.dtype:
+                return False
+        else:
             return False
-        if m.values.device.type != "cpu":
+        if m.dtype not in (torch.float32, torch.float64) or data.device.type != "cpu":
             return False
-        return not previous or (m.dtype == previous[0].dtype and m.in_features == previous[-1].out_features)
+        return not previous or (type(m) is type(previous[0]) and m.dtype == previous[0].dtype
+                                and m.in_features == previous[-1].out_features)
 
     def _pack(self, r: int, layers, relu) -> None:
         index_dtype = torch.int16 if all(m.in_features <= 32767 for m in layers) else torch.int32
@@ -393,6 +406,39 @@ class DeployedSequential(nn.Sequential):
                         ("col_idx", col_idx), ("bias", bias)):
             self.register_buffer(f"_run{r}_{name}", t, persistent=False)
 
+    def _pack_codebook(self, r: int, layers, relu) -> None:
+        """A sparse-codebook run: the plan of ``_sparse_codebook_mlp`` and the layers' arrays,
+        concatenated (each layer's codes start on a byte)."""
+        index_dtype = torch.int16 if all(m.in_features <= 32767 for m in layers) else torch.int32
+        plan, rp_off, nnz_off, codes_off, cb_off, bias_off = [], 0, 0, 0, 0, 0
+        for m, act in zip(layers, relu):
+            plan.append([m.in_features, m.out_features, rp_off, nnz_off, codes_off, cb_off, m.num_clusters,
+                         -1 if m.bias is None else bias_off, int(act)])
+            rp_off += m.out_features + 1
+            nnz_off += m.nnz
+            codes_off += m.codes.numel()
+            cb_off += m.num_clusters
+            bias_off += 0 if m.bias is None else m.out_features
+        with torch.inference_mode(False), torch.no_grad():
+            codebooks = torch.cat([m.codebook for m in layers])
+            row_ptr = torch.cat([m.row_ptr for m in layers])
+            col_idx = torch.cat([m.col_idx.to(index_dtype) for m in layers])
+            codes = torch.cat([m.codes for m in layers])
+            biases = [m.bias for m in layers if m.bias is not None]
+            bias = torch.cat(biases) if biases else torch.empty(0, dtype=layers[0].dtype)
+            rp = nz = cd = cb = b = 0
+            for m in layers:  # the layers read views of the run's arrays: stored once
+                n, nc, k = m.nnz, m.codes.numel(), m.num_clusters
+                m.col_idx, m.codes = col_idx[nz:nz + n], codes[cd:cd + nc]
+                m.row_ptr, m.codebook = row_ptr[rp:rp + m.out_features + 1], codebooks[cb:cb + k]
+                nz, cd, cb, rp = nz + n, cd + nc, cb + k, rp + m.out_features + 1
+                if m.bias is not None:
+                    m.bias = bias[b:b + m.out_features]
+                    b += m.out_features
+        for name, t in (("plan", torch.tensor(plan, dtype=torch.int64)), ("codebooks", codebooks),
+                        ("row_ptr", row_ptr), ("col_idx", col_idx), ("codes", codes), ("bias", bias)):
+            self.register_buffer(f"_run{r}_{name}", t, persistent=False)
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         self._build_runs()  # (a new device or dtype: which layers fuse, and their packed arrays)
@@ -407,15 +453,19 @@ class DeployedSequential(nn.Sequential):
         if children != self.__dict__.get("_built_for"):  # a child was replaced: the runs are stale
             return super().forward(input)
         x, i = input, 0
-        for r, (start, stop, out_features) in enumerate(runs):
+        for r, (start, stop, out_features, codebook) in enumerate(runs):
             x = _run_between(children[i:start], x)
             first = children[start]
             b = self._buffers
-            values = b[f"_run{r}_values"]
+            row_ptr = b[f"_run{r}_row_ptr"]
             if (isinstance(x, torch.Tensor) and x.dtype == first.dtype and x.dim() > 0
-                    and x.shape[-1] == first.in_features and values.device.type == "cpu"):
-                x = _sparse_mlp(x, b[f"_run{r}_plan"], values, b[f"_run{r}_row_ptr"], b[f"_run{r}_col_idx"],
-                                b[f"_run{r}_bias"], out_features)
+                    and x.shape[-1] == first.in_features and row_ptr.device.type == "cpu"):
+                if codebook:
+                    x = _sc_mlp(x, b[f"_run{r}_plan"], b[f"_run{r}_codebooks"], row_ptr, b[f"_run{r}_col_idx"],
+                                b[f"_run{r}_codes"], b[f"_run{r}_bias"], out_features)
+                else:
+                    x = _sparse_mlp(x, b[f"_run{r}_plan"], b[f"_run{r}_values"], row_ptr, b[f"_run{r}_col_idx"],
+                                    b[f"_run{r}_bias"], out_features)
             else:  # the per-layer path (which also raises the clear errors)
                 for m in children[start:stop]:
                     x = m(x)
