@@ -272,6 +272,8 @@ def test_deployed_pruned_shared_mlp_runs_one_call(batch, k):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
     with torch.no_grad():  # grad mode off, not inference mode: the same fused call
         assert _op_names(lambda: dep(x)) == ["torchslim::_sparse_codebook_mlp"]
+    # grad mode on (input without grad): module calls, one op call per layer
+    assert _op_names(lambda: dep(x)).count("torchslim::sparse_codebook_linear") == 3
 
 
 def test_deployed_float64_3d_and_fallbacks():

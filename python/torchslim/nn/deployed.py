@@ -330,7 +330,9 @@ class DeployedSequential(nn.Sequential):
     layers' buffers become views into them, so nothing is held twice) and kept as
     non-persistent buffers; other children, and inputs on other devices, run as
     ``nn.Sequential`` does, except that DeployedSparseCodebookLinear layers outside a run
-    (e.g. bfloat16 ones) run as op calls without the module-call overhead outside grad mode."""
+    (e.g. bfloat16 ones) run as op calls without the module-call overhead outside grad mode.
+    Sparse-codebook runs fuse outside grad mode only (``torch.no_grad`` / ``inference_mode``);
+    in grad mode their layers are module calls."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -458,8 +460,11 @@ class DeployedSequential(nn.Sequential):
             first = children[start]
             b = self._buffers
             row_ptr = b[f"_run{r}_row_ptr"]
+            # (sparse-codebook runs fuse outside grad mode only: in grad mode their layers stay
+            # module calls, hooks included, as they were before they fused)
             if (isinstance(x, torch.Tensor) and x.dtype == first.dtype and x.dim() > 0
-                    and x.shape[-1] == first.in_features and row_ptr.device.type == "cpu"):
+                    and x.shape[-1] == first.in_features and row_ptr.device.type == "cpu"
+                    and not (codebook and _grad_enabled())):
                 if codebook:
                     x = _sc_mlp(x, b[f"_run{r}_plan"], b[f"_run{r}_codebooks"], row_ptr, b[f"_run{r}_col_idx"],
                                 b[f"_run{r}_codes"], b[f"_run{r}_bias"], out_features)
