@@ -208,6 +208,9 @@ def _internal_op_calls():
               (t.sparse_codebook_linear_grad_codebook.default, (go, x, rp, ci, cd, cb), {}),
               (t._sparse_codebook_transpose.default, (rp, ci, cd, 12), {}),
               (t._sparse_codebook_linear_path.default, (16, True, 1, False), {})]
+    # the fused sparse-codebook chain (DeployedSequential calls it outside grad mode): one layer, ReLU
+    plan = torch.tensor([[12, 10, 0, 0, 0, 0, 16, 0, 1]])
+    calls += [(t._sparse_codebook_mlp.default, (x, plan, cb, rp, ci, cd, torch.randn(10, generator=g), 10), {})]
     return calls
 
 
