@@ -297,3 +297,13 @@ def test_deployed_float64_3d_and_fallbacks():
     # a wrong width reaches the per-layer path and its clear error
     with torch.inference_mode(), pytest.raises(ValueError, match="in_features = 784"):
         dep(torch.randn(2, 783))
+
+
+@pytest.mark.parametrize("batch", [1, 20])
+def test_zero_width_middle_layer(batch):
+    g = torch.Generator().manual_seed(7)
+    chain = [_layer(33, 0, 0.3, 16, g, torch.float32, empty_rows=0),
+             _layer(0, 9, 0.3, 16, g, torch.float32, empty_rows=0, relu=False)]
+    x = torch.randn(batch, 33)
+    y = OP(x, *_args(chain, torch.float32))
+    torch.testing.assert_close(y, chain[1]["bias"].expand(batch, 9))  # only the last bias reaches the output
