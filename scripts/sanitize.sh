@@ -30,7 +30,8 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 if [ $# -eq 0 ]; then
   set -- tests/test_masked_linear.py tests/test_codebook_linear.py tests/test_sparse_codebook_linear.py \
     tests/test_kd_loss.py tests/test_kd_loss_rows.py tests/test_fuzz.py tests/test_sparse_sequential.py \
-    tests/test_internal_ops.py tests/test_concurrency.py
+    tests/test_internal_ops.py tests/test_concurrency.py tests/test_sparse_codebook_tamper.py \
+    tests/test_sparse_codebook_mlp.py
   for f in "$@"; do [ -e "$f" ] || { echo "sanitize: $f missing"; exit 1; }; done
 fi
 PYTHONPATH="$STAGE" TORCHSLIM_SANITIZE=1 "$PY" -m pytest -q -p no:cacheprovider -x "$@"

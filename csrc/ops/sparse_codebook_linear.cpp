@@ -140,6 +140,7 @@ sck::Structure structure_view(const Layout& L, const Tensor& row_ptr, const Tens
   s.rows = L.out;
   s.cols = L.in;
   s.num_clusters = static_cast<int>(L.K);
+  s.nnz = L.nnz;  // from col_idx's size: the kernels' read bound (row_ptr may have been edited since the check)
   return s;
 }
 
@@ -236,9 +237,16 @@ std::vector<int64_t> out_shape(const Tensor& t, int64_t last) {
 std::tuple<Tensor, Tensor, Tensor> build_transpose(const Layout& L, const Tensor& row_ptr, const Tensor& col_idx,
                                                    const Tensor& codes) {
   const auto lopt = row_ptr.options().dtype(at::kLong);
-  const Tensor counts_r = row_ptr.to(at::kLong).diff();
-  const Tensor rows = at::repeat_interleave(at::arange(L.out, lopt), counts_r, std::nullopt, L.nnz);
-  const Tensor cols = col_idx.to(at::kLong);
+  // Indices clamped as the kernels do (the structure may have been edited behind the version
+  // counter since its check): every entry gets a row in [0, out) and a column in [0, in), so
+  // the scatter below writes nnz entries inside the outputs whatever row_ptr / col_idx hold.
+  Tensor rows = at::zeros({L.nnz}, lopt);
+  if (L.out > 0 && L.nnz > 0) {
+    const Tensor ends = std::get<0>(row_ptr.narrow(0, 1, L.out).to(at::kLong).clamp(0, L.nnz).cummax(0));
+    rows = at::searchsorted(ends, at::arange(L.nnz, lopt), /*out_int32=*/false, /*right=*/true).clamp_max(L.out - 1);
+  }
+  Tensor cols = col_idx.to(at::kLong);
+  if (L.in > 0) cols = at::where(cols.lt(0), L.in - 1, cols.clamp_max(L.in - 1));  // negative -> last, as unsigned
   const Tensor perm = std::get<1>(at::sort(cols, /*stable=*/true, /*dim=*/0, /*descending=*/false));
   const at::ScalarType it = L.out <= 32767 ? at::kShort : at::kInt;
   Tensor t_rows = rows.index_select(0, perm).to(it).contiguous();

@@ -368,6 +368,7 @@ std::vector<ScLayer> read_sc_plan(const Tensor& input, const Tensor& plan, const
     y.s.rows = out;
     y.s.cols = in;
     y.s.num_clusters = static_cast<int>(K);
+    y.s.nnz = nnz;  // from the plan (checked against the tensors' sizes): the kernels' read bound
     y.nnz = nnz;
     y.cb_off = cb_off;
     y.bias_off = bias_off;

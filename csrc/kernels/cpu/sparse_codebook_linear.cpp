@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 #include "kernels/cpu/cpu_features.h"
@@ -38,6 +39,26 @@ inline int code_at(const uint8_t* codes, bool packed, int64_t k) {
   return packed ? (codes[k >> 1] >> ((k & 1) << 2)) & 0x0F : codes[k];
 }
 
+// The clamps of "Safe reads" (sparse_codebook_linear.h): entry ranges into [0, nnz],
+// columns into [0, last]. cols <= 0 leaves no entry to read.
+struct Bounds {
+  int64_t nnz;
+  uint32_t last;
+  explicit Bounds(const Structure& s)
+      : nnz(s.cols > 0 ? std::clamp<int64_t>(s.nnz, 0, std::numeric_limits<int32_t>::max()) : 0),
+        last(s.cols > 0 ? static_cast<uint32_t>(std::min<int64_t>(s.cols, int64_t(1) << 32) - 1) : 0) {}
+  // Entries [k0, k1) of row r.
+  inline void range(const int32_t* row_ptr, int64_t r, int64_t& k0, int64_t& k1) const {
+    const int64_t a = row_ptr[r], b = row_ptr[r + 1];
+    k0 = std::clamp<int64_t>(a, 0, nnz);
+    k1 = std::clamp<int64_t>(b, k0, nnz);
+  }
+  template <typename I>
+  inline int64_t at(I c) const {
+    return std::min(static_cast<uint32_t>(static_cast<std::make_unsigned_t<I>>(c)), last);
+  }
+};
+
 // Calls f(const I* col) with the structure's column type.
 template <typename F>
 inline void with_col(const Structure& s, F&& f) {
@@ -49,15 +70,16 @@ inline void with_col(const Structure& s, F&& f) {
 template <typename T, typename I>
 void spmv_scalar(const Structure& s, const T* table, const T* x, const T* bias, T* y, int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
+  const Bounds bd(s);
   for (int64_t r = r0; r < r1; ++r) {
-    int64_t k = s.row_ptr[r];
-    const int64_t e = s.row_ptr[r + 1];
+    int64_t k, e;
+    bd.range(s.row_ptr, r, k, e);
     T a0 = 0, a1 = 0;
     for (; k + 1 < e; k += 2) {
-      a0 += table[code_at(s.codes, s.packed, k)] * x[col[k]];
-      a1 += table[code_at(s.codes, s.packed, k + 1)] * x[col[k + 1]];
+      a0 += table[code_at(s.codes, s.packed, k)] * x[bd.at(col[k])];
+      a1 += table[code_at(s.codes, s.packed, k + 1)] * x[bd.at(col[k + 1])];
     }
-    if (k < e) a0 += table[code_at(s.codes, s.packed, k)] * x[col[k]];
+    if (k < e) a0 += table[code_at(s.codes, s.packed, k)] * x[bd.at(col[k])];
     y[r] = (a0 + a1) + (bias ? bias[r] : T(0));
   }
 }
@@ -67,15 +89,18 @@ void spmm_t_scalar(const Structure& s, const T* table, const T* xt, int64_t ldx,
                    int64_t ldy, int64_t r0, int64_t r1) {
   constexpr int64_t kChunk = 64;
   const I* col = static_cast<const I*>(s.col);
+  const Bounds bd(s);
   for (int64_t b0 = 0; b0 < nb; b0 += kChunk) {
     const int64_t w = std::min(kChunk, nb - b0);
     for (int64_t r = r0; r < r1; ++r) {
       T acc[kChunk];
       const T b = bias ? bias[r] : T(0);
       for (int64_t j = 0; j < w; ++j) acc[j] = b;
-      for (int64_t k = s.row_ptr[r]; k < s.row_ptr[r + 1]; ++k) {
+      int64_t k0, k1;
+      bd.range(s.row_ptr, r, k0, k1);
+      for (int64_t k = k0; k < k1; ++k) {
         const T v = table[code_at(s.codes, s.packed, k)];
-        const T* p = xt + static_cast<int64_t>(col[k]) * ldx + b0;
+        const T* p = xt + bd.at(col[k]) * ldx + b0;
         for (int64_t j = 0; j < w; ++j) acc[j] += v * p[j];
       }
       std::memcpy(yt + r * ldy + b0, acc, sizeof(T) * w);
@@ -87,10 +112,14 @@ template <typename T, typename I>
 void grad_codebook_scalar(const Structure& s, const T* gt, int64_t ldg, const T* xt, int64_t ldx, int64_t nb,
                           int64_t r0, int64_t r1, double* hist) {
   const I* col = static_cast<const I*>(s.col);
+  const Bounds bd(s);
+  const int last_code = std::max(s.num_clusters, 1) - 1;  // hist has num_clusters entries: bound every write
   for (int64_t r = r0; r < r1; ++r) {
     const T* g = gt + r * ldg;
-    for (int64_t k = s.row_ptr[r]; k < s.row_ptr[r + 1]; ++k) {
-      const T* p = xt + static_cast<int64_t>(col[k]) * ldx;
+    int64_t k0, k1;
+    bd.range(s.row_ptr, r, k0, k1);
+    for (int64_t k = k0; k < k1; ++k) {
+      const T* p = xt + bd.at(col[k]) * ldx;
       T d0 = 0, d1 = 0, d2 = 0, d3 = 0;
       int64_t b = 0;
       for (; b + 4 <= nb; b += 4) {
@@ -100,7 +129,7 @@ void grad_codebook_scalar(const Structure& s, const T* gt, int64_t ldg, const T*
         d3 += g[b + 3] * p[b + 3];
       }
       for (; b < nb; ++b) d0 += g[b] * p[b];
-      hist[code_at(s.codes, s.packed, k)] += static_cast<double>((d0 + d1) + (d2 + d3));
+      hist[std::min(code_at(s.codes, s.packed, k), last_code)] += static_cast<double>((d0 + d1) + (d2 + d3));
     }
   }
 }
@@ -149,13 +178,13 @@ TS_AVX512 inline __m512 lookup(const Lut512& t, __m512i q) {
 
 // The last n (< 16) entries of a row: codes and x by scalar reads into zero-padded vectors.
 template <Lut L, typename I>
-TS_AVX512 inline __m512 tail_product(const Structure& s, const Lut512& t, const I* col, const float* x, int64_t k,
-                                     int64_t n) {
+TS_AVX512 inline __m512 tail_product(const Structure& s, const Bounds& bd, const Lut512& t, const I* col,
+                                     const float* x, int64_t k, int64_t n) {
   alignas(64) int32_t cc[16] = {0};
   alignas(64) float xv[16] = {0};
   for (int64_t i = 0; i < n; ++i) {
     cc[i] = code_at(s.codes, s.packed, k + i);
-    xv[i] = x[col[k + i]];
+    xv[i] = x[bd.at(col[k + i])];
   }
   return _mm512_mul_ps(lookup<L>(t, _mm512_load_si512(cc)), _mm512_load_ps(xv));
 }
@@ -165,9 +194,11 @@ TS_AVX512 inline __m512 tail_product(const Structure& s, const Lut512& t, const 
 // here (0.83 vs 0.46 ms for 4096x4096 at 10% density, one thread); splitting four int16
 // columns out of one 64-bit load measured the same as loading each.
 template <typename I>
-TS_AVX512 inline __m512 gather16(const float* x, const I* c) {
-  const __m256 lo = _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
-  const __m256 hi = _mm256_setr_ps(x[c[8]], x[c[9]], x[c[10]], x[c[11]], x[c[12]], x[c[13]], x[c[14]], x[c[15]]);
+TS_AVX512 inline __m512 gather16(const float* x, const I* c, const Bounds& bd) {
+  const __m256 lo = _mm256_setr_ps(x[bd.at(c[0])], x[bd.at(c[1])], x[bd.at(c[2])], x[bd.at(c[3])], x[bd.at(c[4])],
+                                   x[bd.at(c[5])], x[bd.at(c[6])], x[bd.at(c[7])]);
+  const __m256 hi = _mm256_setr_ps(x[bd.at(c[8])], x[bd.at(c[9])], x[bd.at(c[10])], x[bd.at(c[11])],
+                                   x[bd.at(c[12])], x[bd.at(c[13])], x[bd.at(c[14])], x[bd.at(c[15])]);
   return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
 }
 
@@ -176,19 +207,20 @@ TS_AVX512 void spmv_avx512(const Structure& s, const float* table, const float* 
                            int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
   const Lut512 t{_mm512_loadu_ps(table), _mm512_loadu_ps(table + 16), table};
-  const int64_t nnz = s.row_ptr[s.rows];
+  const Bounds bd(s);
+  const int64_t nnz = bd.nnz;
   for (int64_t r = r0; r < r1; ++r) {
-    int64_t k = s.row_ptr[r];
-    const int64_t e = s.row_ptr[r + 1];
+    int64_t k, e;
+    bd.range(s.row_ptr, r, k, e);
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     for (; k + 32 <= e; k += 32) {
       const __m512 w0 = lookup<L>(t, codes16<L>(s.codes, k));
       const __m512 w1 = lookup<L>(t, codes16<L>(s.codes, k + 16));
-      a0 = _mm512_fmadd_ps(w0, gather16(x, col + k), a0);
-      a1 = _mm512_fmadd_ps(w1, gather16(x, col + k + 16), a1);
+      a0 = _mm512_fmadd_ps(w0, gather16(x, col + k, bd), a0);
+      a1 = _mm512_fmadd_ps(w1, gather16(x, col + k + 16, bd), a1);
     }
     if (k + 16 <= e) {
-      a0 = _mm512_fmadd_ps(lookup<L>(t, codes16<L>(s.codes, k)), gather16(x, col + k), a0);
+      a0 = _mm512_fmadd_ps(lookup<L>(t, codes16<L>(s.codes, k)), gather16(x, col + k, bd), a0);
       k += 16;
     }
     if (k < e) {
@@ -196,9 +228,9 @@ TS_AVX512 void spmv_avx512(const Structure& s, const float* table, const float* 
         // A whole step past the row end stays inside the structure (codes and columns of
         // the next rows, all checked): read it and mask the lanes off.
         const __mmask16 m = static_cast<__mmask16>((1u << (e - k)) - 1);
-        a1 = _mm512_mask3_fmadd_ps(lookup<L>(t, codes16<L>(s.codes, k)), gather16(x, col + k), a1, m);
+        a1 = _mm512_mask3_fmadd_ps(lookup<L>(t, codes16<L>(s.codes, k)), gather16(x, col + k, bd), a1, m);
       } else {
-        a1 = _mm512_add_ps(a1, tail_product<L>(s, t, col, x, k, e - k));
+        a1 = _mm512_add_ps(a1, tail_product<L>(s, bd, t, col, x, k, e - k));
       }
     }
     y[r] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + (bias ? bias[r] : 0.0f);
@@ -219,7 +251,8 @@ template <int NV, Lut L, typename I>
 TS_AVX512 void spmm_rows_avx512(const Structure& s, const Lut512& t, const float* xt, int64_t ldx, const float* bias,
                                 float* yt, int64_t ldy, int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
-  const int64_t nnz = s.row_ptr[s.rows];
+  const Bounds bd(s);
+  const int64_t nnz = bd.nnz;
   alignas(64) float wb[16];
   for (int64_t r = r0; r < r1; ++r) {
     __m512 a[NV], c[NV];
@@ -228,16 +261,17 @@ TS_AVX512 void spmm_rows_avx512(const Structure& s, const Lut512& t, const float
       a[j] = b;
       c[j] = _mm512_setzero_ps();
     }
-    const int64_t e = s.row_ptr[r + 1];
-    for (int64_t k = s.row_ptr[r]; k < e; k += 16) {
+    int64_t k0, e;
+    bd.range(s.row_ptr, r, k0, e);
+    for (int64_t k = k0; k < e; k += 16) {
       const int64_t n = std::min<int64_t>(16, e - k);
       decode16<L>(s, t, k, n, nnz, wb);
       int64_t i = 0;
       for (; i + 1 < n; i += 2) {
         const __m512 v0 = _mm512_set1_ps(wb[i]);
         const __m512 v1 = _mm512_set1_ps(wb[i + 1]);
-        const float* p0 = xt + static_cast<int64_t>(col[k + i]) * ldx;
-        const float* p1 = xt + static_cast<int64_t>(col[k + i + 1]) * ldx;
+        const float* p0 = xt + bd.at(col[k + i]) * ldx;
+        const float* p1 = xt + bd.at(col[k + i + 1]) * ldx;
         for (int j = 0; j < NV; ++j) {
           a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 16 * j), a[j]);
           c[j] = _mm512_fmadd_ps(v1, _mm512_loadu_ps(p1 + 16 * j), c[j]);
@@ -245,7 +279,7 @@ TS_AVX512 void spmm_rows_avx512(const Structure& s, const Lut512& t, const float
       }
       if (i < n) {
         const __m512 v0 = _mm512_set1_ps(wb[i]);
-        const float* p0 = xt + static_cast<int64_t>(col[k + i]) * ldx;
+        const float* p0 = xt + bd.at(col[k + i]) * ldx;
         for (int j = 0; j < NV; ++j) a[j] = _mm512_fmadd_ps(v0, _mm512_loadu_ps(p0 + 16 * j), a[j]);
       }
     }
@@ -306,8 +340,9 @@ TS_AVX2 inline __m256 weights8(const Structure& s, const Lut256& t, int64_t k) {
 }
 
 template <typename I>
-TS_AVX2 inline __m256 gather8(const float* x, const I* c) {
-  return _mm256_setr_ps(x[c[0]], x[c[1]], x[c[2]], x[c[3]], x[c[4]], x[c[5]], x[c[6]], x[c[7]]);
+TS_AVX2 inline __m256 gather8(const float* x, const I* c, const Bounds& bd) {
+  return _mm256_setr_ps(x[bd.at(c[0])], x[bd.at(c[1])], x[bd.at(c[2])], x[bd.at(c[3])], x[bd.at(c[4])],
+                        x[bd.at(c[5])], x[bd.at(c[6])], x[bd.at(c[7])]);
 }
 
 template <Lut L, typename I>
@@ -315,20 +350,21 @@ TS_AVX2 void spmv_avx2(const Structure& s, const float* table, const float* x, c
                        int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
   const Lut256 t{_mm256_loadu_ps(table), _mm256_loadu_ps(table + 8), table};
+  const Bounds bd(s);
   for (int64_t r = r0; r < r1; ++r) {
-    int64_t k = s.row_ptr[r];
-    const int64_t e = s.row_ptr[r + 1];
+    int64_t k, e;
+    bd.range(s.row_ptr, r, k, e);
     __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
     for (; k + 16 <= e; k += 16) {
-      a0 = _mm256_fmadd_ps(weights8<L>(s, t, k), gather8(x, col + k), a0);
-      a1 = _mm256_fmadd_ps(weights8<L>(s, t, k + 8), gather8(x, col + k + 8), a1);
+      a0 = _mm256_fmadd_ps(weights8<L>(s, t, k), gather8(x, col + k, bd), a0);
+      a1 = _mm256_fmadd_ps(weights8<L>(s, t, k + 8), gather8(x, col + k + 8, bd), a1);
     }
     if (k + 8 <= e) {
-      a0 = _mm256_fmadd_ps(weights8<L>(s, t, k), gather8(x, col + k), a0);
+      a0 = _mm256_fmadd_ps(weights8<L>(s, t, k), gather8(x, col + k, bd), a0);
       k += 8;
     }
     float acc = hsum256(_mm256_add_ps(a0, a1));
-    for (; k < e; ++k) acc += table[code_at(s.codes, s.packed, k)] * x[col[k]];
+    for (; k < e; ++k) acc += table[code_at(s.codes, s.packed, k)] * x[bd.at(col[k])];
     y[r] = acc + (bias ? bias[r] : 0.0f);
   }
 }
@@ -337,19 +373,21 @@ template <int NV, Lut L, typename I>
 TS_AVX2 void spmm_rows_avx2(const Structure& s, const Lut256& t, const float* xt, int64_t ldx, const float* bias,
                             float* yt, int64_t ldy, int64_t r0, int64_t r1) {
   const I* col = static_cast<const I*>(s.col);
+  const Bounds bd(s);
   alignas(32) float wb[8];
   for (int64_t r = r0; r < r1; ++r) {
     __m256 a[NV];
     const __m256 b = _mm256_set1_ps(bias ? bias[r] : 0.0f);
     for (int j = 0; j < NV; ++j) a[j] = b;
-    const int64_t e = s.row_ptr[r + 1];
-    for (int64_t k = s.row_ptr[r]; k < e; k += 8) {
+    int64_t k0, e;
+    bd.range(s.row_ptr, r, k0, e);
+    for (int64_t k = k0; k < e; k += 8) {
       const int64_t n = std::min<int64_t>(8, e - k);
       if (n == 8) _mm256_store_ps(wb, weights8<L>(s, t, k));
       else for (int64_t i = 0; i < n; ++i) wb[i] = t.table[code_at(s.codes, s.packed, k + i)];
       for (int64_t i = 0; i < n; ++i) {
         const __m256 v = _mm256_set1_ps(wb[i]);
-        const float* p = xt + static_cast<int64_t>(col[k + i]) * ldx;
+        const float* p = xt + bd.at(col[k + i]) * ldx;
         for (int j = 0; j < NV; ++j) a[j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(p + 8 * j), a[j]);
       }
     }

@@ -12,6 +12,15 @@
 // 256 entries (the codebook padded with zeros, so no code can read outside it); the caller
 // has checked every code against K before any kernel runs.
 //
+// Safe reads (as the masked kernels, masked_linear.h). The glue checks a structure once and
+// remembers it, but an edit that bypasses the version counter (.numpy(), .data) can change
+// it afterwards. So the kernels trust only nnz (the length of col, from the tensor's size)
+// and cols: a row's entry range is clamped into [0, nnz], every column into [0, cols - 1]
+// (as unsigned, so a negative one becomes the last), and a code that indexes something of
+// num_clusters entries (the codebook gradient) into [0, num_clusters - 1]. A tampered
+// structure gives wrong numbers, never an out-of-bounds read or write. cols <= 0 reads no
+// entry.
+//
 // The transposed structure (CSR of W^T, by columns, used for the input gradient) has the
 // same form with byte codes.
 #pragma once
@@ -30,6 +39,7 @@ struct Structure {
   int64_t rows = 0;
   int64_t cols = 0;  // range of col
   int num_clusters = 0;
+  int64_t nnz = 0;  // entries of col (and of codes, two per byte when packed): the read bound
 };
 
 constexpr int64_t kBatchPad = 16;  // batched kernels: nb and the leading dimensions are multiples of this

@@ -10,6 +10,8 @@
 #include "kernels/cuda/sparse_codebook_linear.h"
 #include "kernels/cuda/accumulate.cuh"
 
+#include <type_traits>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -23,6 +25,23 @@ constexpr int kChunk = 2048;  // entries per binning block
 
 __device__ __forceinline__ int code_at(const uint8_t* codes, bool packed, int64_t k) {
   return packed ? (codes[k >> 1] >> ((k & 1) * 4)) & 0x0F : codes[k];
+}
+
+// Safe reads (as the masked kernels): the structure was checked once, but an edit that
+// bypasses the version counter can change it later. A row's entry range is clamped into
+// [0, nnz] and every column into [0, cols - 1] (as unsigned: a negative one becomes the
+// last); codes index a 256-entry table. A tampered structure gives wrong numbers, never an
+// out-of-bounds access.
+__device__ __forceinline__ void row_range(const SckStructure& s, int64_t r, int64_t& k0, int64_t& k1) {
+  const int64_t a = s.row_ptr[r], b = s.row_ptr[r + 1];
+  k0 = a < 0 ? 0 : (a > s.nnz ? s.nnz : a);
+  k1 = b < k0 ? k0 : (b > s.nnz ? s.nnz : b);
+}
+template <typename I>
+__device__ __forceinline__ int64_t col_at(const SckStructure& s, I c) {
+  const uint64_t u = static_cast<std::make_unsigned_t<I>>(c);
+  const uint64_t last = static_cast<uint64_t>(s.cols - 1);
+  return static_cast<int64_t>(u < last ? u : last);
 }
 
 template <typename A>
@@ -42,7 +61,9 @@ __global__ void spmm_kernel(SckStructure s, const T* __restrict__ cb, int K, con
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (r >= s.rows) return;
   const I* col = static_cast<const I*>(s.col);
-  const int64_t k0 = s.row_ptr[r], k1 = s.row_ptr[r + 1];
+  int64_t k0, k1;
+  row_range(s, r, k0, k1);
+  if (s.cols <= 0) k1 = k0;  // no column to read
   for (int64_t b0 = static_cast<int64_t>(blockIdx.y) * NB; b0 < batch; b0 += static_cast<int64_t>(gridDim.y) * NB) {
     const int nb = batch - b0 < NB ? static_cast<int>(batch - b0) : NB;
     A acc[NB];
@@ -50,7 +71,7 @@ __global__ void spmm_kernel(SckStructure s, const T* __restrict__ cb, int K, con
     for (int b = 0; b < NB; ++b) acc[b] = A(0);
     for (int64_t k = k0 + lane; k < k1; k += 32) {
       const A w = table[code_at(s.codes, s.packed, k)];
-      const int64_t j = col[k];
+      const int64_t j = col_at(s, col[k]);
 #pragma unroll
       for (int b = 0; b < NB; ++b)
         if (b < nb) acc[b] += w * to_acc(x[(b0 + b) * s.cols + j]);
@@ -71,8 +92,11 @@ __global__ void entry_grad_kernel(SckStructure s, const T* __restrict__ dy, cons
   const int64_t r = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32;
   if (r >= s.rows) return;
   const I* col = static_cast<const I*>(s.col);
-  for (int64_t k = s.row_ptr[r] + lane; k < s.row_ptr[r + 1]; k += 32) {
-    const int64_t j = col[k];
+  int64_t k0, k1;
+  row_range(s, r, k0, k1);
+  if (s.cols <= 0) return;  // no kept weight can exist
+  for (int64_t k = k0 + lane; k < k1; k += 32) {
+    const int64_t j = col_at(s, col[k]);
     A d = A(0);
     for (int64_t b = 0; b < batch; ++b) d += to_acc(dy[b * s.rows + r]) * to_acc(x[b * s.cols + j]);
     dw[k] = d;
