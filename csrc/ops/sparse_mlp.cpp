@@ -63,15 +63,15 @@ int64_t layer_grain(int64_t nnz, int64_t rows, int64_t per_entry) {
   return grain_rows(nnz, rows, per_entry);
 }
 
-std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tensor& values, const Tensor& row_ptr,
-                             const Tensor& col_idx, const Tensor& bias, int64_t out_features) {
-  const char* op = "_sparse_mlp";
+// The arguments both fused chains take alike: input, plan (plan_cols columns), row_ptr, col_idx.
+void check_chain_arguments(const char* op, const Tensor& input, const Tensor& plan, int64_t plan_cols,
+                           const Tensor& row_ptr, const Tensor& col_idx) {
   TORCH_CHECK(input.dim() >= 1 && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble), op,
               ": input must be a float32 or float64 tensor [..., in_features], got ", input.scalar_type(),
               " of shape ", input.sizes());
   TORCH_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 &&
-                  plan.size(0) >= 1 && plan.size(1) == kPlanCols && plan.is_contiguous(),
-              op, ": plan must be a contiguous int64 CPU tensor [layers >= 1, ", kPlanCols, "], got ",
+                  plan.size(0) >= 1 && plan.size(1) == plan_cols && plan.is_contiguous(),
+              op, ": plan must be a contiguous int64 CPU tensor [layers >= 1, ", plan_cols, "], got ",
               plan.scalar_type(), " of shape ", plan.sizes());
   TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(), op,
               ": row_ptr must be a contiguous 1-D int32 tensor, got ", row_ptr.scalar_type(), " of shape ",
@@ -80,6 +80,12 @@ std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tens
                   col_idx.is_contiguous(),
               op, ": col_idx must be a contiguous 1-D int16 or int32 tensor, got ", col_idx.scalar_type(),
               " of shape ", col_idx.sizes());
+}
+
+std::vector<Layer> read_plan(const Tensor& input, const Tensor& plan, const Tensor& values, const Tensor& row_ptr,
+                             const Tensor& col_idx, const Tensor& bias, int64_t out_features) {
+  const char* op = "_sparse_mlp";
+  check_chain_arguments(op, input, plan, kPlanCols, row_ptr, col_idx);
   TORCH_CHECK(values.scalar_type() == input.scalar_type() && values.dim() == 1 && values.is_contiguous() &&
                   values.size(0) == col_idx.size(0),
               op, ": values must be a contiguous 1-D ", input.scalar_type(), " tensor with one entry per col_idx entry (",
@@ -294,20 +300,7 @@ std::vector<ScLayer> read_sc_plan(const Tensor& input, const Tensor& plan, const
                                   const Tensor& row_ptr, const Tensor& col_idx, const Tensor& codes, const Tensor& bias,
                                   int64_t out_features) {
   const char* op = "_sparse_codebook_mlp";
-  TORCH_CHECK(input.dim() >= 1 && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble), op,
-              ": input must be a float32 or float64 tensor [..., in_features], got ", input.scalar_type(),
-              " of shape ", input.sizes());
-  TORCH_CHECK(plan.device().is_cpu() && plan.scalar_type() == at::kLong && plan.dim() == 2 &&
-                  plan.size(0) >= 1 && plan.size(1) == kScPlanCols && plan.is_contiguous(),
-              op, ": plan must be a contiguous int64 CPU tensor [layers >= 1, ", kScPlanCols, "], got ",
-              plan.scalar_type(), " of shape ", plan.sizes());
-  TORCH_CHECK(row_ptr.scalar_type() == at::kInt && row_ptr.dim() == 1 && row_ptr.is_contiguous(), op,
-              ": row_ptr must be a contiguous 1-D int32 tensor, got ", row_ptr.scalar_type(), " of shape ",
-              row_ptr.sizes());
-  TORCH_CHECK((col_idx.scalar_type() == at::kShort || col_idx.scalar_type() == at::kInt) && col_idx.dim() == 1 &&
-                  col_idx.is_contiguous(),
-              op, ": col_idx must be a contiguous 1-D int16 or int32 tensor, got ", col_idx.scalar_type(),
-              " of shape ", col_idx.sizes());
+  check_chain_arguments(op, input, plan, kScPlanCols, row_ptr, col_idx);
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 1 && codes.is_contiguous(), op,
               ": codes must be a contiguous 1-D uint8 tensor, got ", codes.scalar_type(), " of shape ", codes.sizes());
   TORCH_CHECK(codebooks.scalar_type() == input.scalar_type() && codebooks.dim() == 1 && codebooks.is_contiguous(), op,
