@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, time_ms, write_json  # noqa: E402,F401
+from _common import print_table, thread_time_ms, time_ms, write_json  # noqa: E402,F401
 
 from torchslim.nn import MaskedSparseLinear  # noqa: E402
 from torchslim.ops._reference import ref_masked_linear  # noqa: E402
@@ -35,24 +35,9 @@ CPU_TIME = False
 
 
 def p50(fn, min_run_time: float) -> float:
-    """Median ms per call: wall clock through _common.time_ms, or with --cpu-time the CPU
-    time of this (only) thread, which a machine shared with other jobs does not inflate."""
-    if not CPU_TIME:
-        return time_ms(fn, min_run_time)["p50"]
-    import time
-
-    fn()
-    t0 = time.thread_time()
-    fn()
-    one = max(time.thread_time() - t0, 1e-6)
-    n = max(1, int(min_run_time / 5 / one))
-    samples = []
-    for _ in range(5):
-        t0 = time.thread_time()
-        for _ in range(n):
-            fn()
-        samples.append((time.thread_time() - t0) / n * 1e3)
-    return sorted(samples)[2]
+    """Median ms per call: wall clock (_common.time_ms), or with --cpu-time this thread's CPU
+    time (_common.thread_time_ms)."""
+    return thread_time_ms(fn, min_run_time) if CPU_TIME else time_ms(fn, min_run_time)["p50"]
 
 
 def measure_bandwidth(device: str) -> float:

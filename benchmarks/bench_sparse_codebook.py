@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import llc_bytes, print_table, time_ms, write_json  # noqa: E402
+from _common import llc_bytes, print_table, thread_time_ms, time_ms, write_json  # noqa: E402
 
 from torchslim.nn import MaskedSparseLinear  # noqa: E402
 from torchslim.ops import codebook_linear, sparse_codebook_linear, sparse_codebook_pack  # noqa: E402
@@ -44,22 +43,8 @@ CPU_TIME = False
 
 def p50(fn, min_run_time: float) -> float:
     """Median ms per call: wall clock (_common.time_ms), or with --cpu-time this thread's CPU
-    time (other jobs' time slices on a shared machine do not count; their cache and memory
-    traffic still does)."""
-    if not CPU_TIME:
-        return time_ms(fn, min_run_time)["p50"]
-    fn()
-    t0 = time.thread_time()
-    fn()
-    one = max(time.thread_time() - t0, 1e-6)
-    n = max(1, int(min_run_time / 5 / one))
-    samples = []
-    for _ in range(5):
-        t0 = time.thread_time()
-        for _ in range(n):
-            fn()
-        samples.append((time.thread_time() - t0) / n * 1e3)
-    return sorted(samples)[2]
+    time (_common.thread_time_ms)."""
+    return thread_time_ms(fn, min_run_time) if CPU_TIME else time_ms(fn, min_run_time)["p50"]
 
 
 def sync(device):
