@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "kernels/cpu/cpu_features.h"
+#include "ops/path_rules.h"
 #include "ops/registration.h"
 
 #ifndef TORCHSLIM_VERSION
@@ -48,7 +49,26 @@ static py::dict build_info() {
   return info;
 }
 
+// The numbers of ops/path_rules.h, for torchslim/_path_rules.py (one source for both sides).
+static py::dict path_rules() {
+  namespace r = torchslim::rules;
+  py::dict d;
+  d["masked_small_weight_numel"] = r::kMaskedSmallWeightNumel;
+  d["masked_batch1_max_density"] = r::kMaskedBatch1MaxDensity;
+  d["masked_batch1_large_max_density"] = r::kMaskedBatch1LargeMaxDensity;
+  d["masked_large_weight_bytes"] = r::kMaskedLargeWeightBytes;
+  d["masked_max_density"] = r::kMaskedMaxDensity;
+  d["masked_train_max_density"] = r::kMaskedTrainMaxDensity;
+  d["masked_train_small_max_density"] = r::kMaskedTrainSmallMaxDensity;
+  d["masked_train_min_batch"] = r::kMaskedTrainMinBatch;
+  return d;
+}
+
 PYBIND11_MODULE(_C, mod) {
   mod.doc() = "torchslim compiled kernels (ops are registered as torch.ops.torchslim.*)";
   mod.def("build_info", &build_info, "What this extension was built with and the SIMD level chosen at run time.");
+  mod.def("path_rules", &path_rules, "The masked sparse linear op's dense/sparse crossovers (ops/path_rules.h).");
+  mod.def("masked_sparse_faster", &torchslim::rules::masked_sparse_faster, py::arg("density"), py::arg("batch"),
+          py::arg("weight_numel"), py::arg("training") = false,
+          "The rule of ops/path_rules.h: does the masked sparse kernel beat the dense product?");
 }

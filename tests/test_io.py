@@ -742,13 +742,14 @@ def _mlp(cb_cls):
 
 def test_deploy_matches_and_holds_only_compressed_data(tmp_path, cb_cls):
     from torchslim.nn import (DeployedCodebookLinear, DeployedDenseLinear, DeployedSequential,
-                              DeployedSparseLinear)
+                              DeployedSparseCodebookLinear, DeployedSparseLinear)
     model = _mlp(cb_cls)
     x = torch.randn(5, 64)
     for dep in (torchslim.deploy(model), torchslim.load(*roundtrip(model, tmp_path)[1:], deploy=True)):
         assert isinstance(dep, DeployedSequential) and not dep.training
         assert [type(m) for m in dep] == [DeployedSparseLinear, nn.ReLU, DeployedSparseLinear, nn.ReLU, nn.Dropout,
-                                          DeployedDenseLinear, nn.Tanh, DeployedCodebookLinear, DeployedSparseLinear]
+                                          DeployedDenseLinear, nn.Tanh, DeployedCodebookLinear,
+                                          DeployedSparseCodebookLinear]  # (small: sparse-codebook up to 0.4)
         assert len(list(dep.parameters())) == 0
         assert dep._runs[0][:2] == (0, 5)  # layers 0 and 2 (with their ReLUs, the Dropout) fused
         with torch.inference_mode():

@@ -119,12 +119,14 @@ def test_deploy_matches_and_refuses_gradients(tmp_path, name, how):
         layers = [m for m in dep.modules() if isinstance(m, DEPLOYED_TYPES)]
         assert layers and not any(isinstance(m, (MaskedSparseLinear, CodebookLinear)) for m in dep.modules())
         assert not any(p.requires_grad for p in dep.parameters())
-        if how == "both":  # pruned + shared layers of density <= 0.15 run from their compressed form
+        if how == "both":  # pruned + shared layers run from their compressed form where the rule says so
+            from torchslim._path_rules import deploy_as_sparse_codebook
             from torchslim.nn import DeployedSparseCodebookLinear
 
             sck = [m for m in layers if isinstance(m, DeployedSparseCodebookLinear)]
-            assert sck and all(m.density <= 0.15 for m in sck)
-            assert all(m.density > 0.15 for m in layers if isinstance(m, DeployedSparseLinear))
+            assert sck and all(deploy_as_sparse_codebook(m.density, m.in_features * m.out_features) for m in sck)
+            assert all(not deploy_as_sparse_codebook(m.density, m.in_features * m.out_features)
+                       for m in layers if isinstance(m, DeployedSparseLinear))
         with torch.inference_mode():
             torch.testing.assert_close(_out(dep, x), ref, rtol=1e-4, atol=1e-5)
         with pytest.raises(DeployedLayerError, match="inference-only.*to_sparse"):

@@ -38,6 +38,7 @@
 
 #include "kernels/cpu/masked_linear.h"
 #include "ops/grain.h"
+#include "ops/path_rules.h"
 #include "ops/registration.h"
 #include "ops/validated.h"
 
@@ -385,14 +386,10 @@ Tensor sddmm_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, co
 
 // ---------------------------------------------------------------- dense fallback rule
 
-// Measured on an AMD EPYC (Zen 4, AVX-512) with float32; the rule of the module docstring
-// (torchslim.nn.MaskedSparseLinear). `training`: the gradient kernels.
+// The rule of ops/path_rules.h (the same one the Python modules use). `training`: the
+// gradient kernels.
 bool prefer_dense(double density, int64_t batch, int64_t weight_numel, bool training = false) {
-  if (training) return density > (batch >= 64 ? 0.35 : 0.2);
-  if (batch <= 1) {
-    return weight_numel <= 32768 || density > (weight_numel * 4 > (int64_t(16) << 20) ? 0.45 : 0.25);
-  }
-  return density > 0.4;
+  return !rules::masked_sparse_faster(density, batch, weight_numel, training);
 }
 
 // where(mask, weight, 0) (mask bool, of weight's shape and device): the dense paths' masked

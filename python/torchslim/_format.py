@@ -580,12 +580,13 @@ def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=No
     (uint8 [out, in], 0 = pruned) or straight from a file's sparse streams ``sparse`` =
     (row_ptr int32 [out + 1], cols [nnz], kept codes uint8 [nnz]) without a dense array.
 
-    Density <= 0.15 (``SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH``: the sparse-codebook kernel
-    is then at least as fast at batch 1): a ``DeployedSparseCodebookLinear`` holding the CSR
+    Where ``_path_rules.deploy_as_sparse_codebook`` says so (density <= 0.15, where the
+    sparse-codebook kernel is at least as fast at batch 1, or a layer small enough to join a
+    fused run at density <= 0.4): a ``DeployedSparseCodebookLinear`` holding the CSR
     positions, the codes (4-bit packed when k <= 16) and the codebook, no decoded values.
-    Denser: the deployed sparse (or dense) linear holding the decoded values.
+    Otherwise the deployed sparse (or dense) linear holding the decoded values.
     ``keep_form``: a DeployedSparseCodebookLinear whatever the density (a saved one)."""
-    from torchslim.nn.codebook_linear import SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
+    from torchslim._path_rules import deploy_as_sparse_codebook
     from torchslim.nn.deployed import DeployedSparseCodebookLinear
 
     if sparse is None:
@@ -601,7 +602,7 @@ def deploy_pinned_codebook(in_f, out_f, labels, codebook, bias, dtype, sparse=No
     row_ptr = torch.from_numpy(np.asarray(row_ptr, dtype=np.int32))
     numel = in_f * out_f
     k = int(codebook.numel())
-    if keep_form or (numel and kept.size / numel <= SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH):
+    if keep_form or (numel and deploy_as_sparse_codebook(kept.size / numel, numel)):
         if k <= 16:
             codes = torch.from_numpy(np.frombuffer(_codec.nibble_pack(kept), dtype=np.uint8).copy())
         else:

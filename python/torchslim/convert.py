@@ -11,7 +11,8 @@ from torch import nn
 
 from torchslim.nn import MaskedSparseLinear
 import torchslim.nn as _tsnn
-from torchslim.nn.deployed import (DEPLOYED_TYPES, DeployedCodebookLinear, DeployedDenseLinear, DeployedSparseLinear,
+from torchslim.nn.deployed import (DEPLOYED_TYPES, DeployedCodebookLinear, DeployedDenseLinear,
+                                   DeployedSparseCodebookLinear, DeployedSparseLinear,
                                    deployed_sparse, fuse_sequential)
 
 __all__ = ["to_dense", "to_sparse", "deploy"]
@@ -94,6 +95,10 @@ def _sparse_from(layer) -> nn.Module:
         keep = torch.zeros(layer.out_features, layer.in_features, dtype=torch.bool, device=layer.values.device)
         rows = torch.repeat_interleave(torch.arange(layer.out_features, device=keep.device), layer.row_ptr.diff().long())
         keep[rows, layer.col_idx.long()] = True
+    elif isinstance(layer, DeployedSparseCodebookLinear):  # (its stored positions, whatever their codes)
+        from torchslim.ops.sparse_codebook_linear import sparse_codebook_unpack
+
+        _, keep = sparse_codebook_unpack(layer.row_ptr, layer.col_idx, layer.codes, layer.in_features)
     elif isinstance(layer, DeployedDenseLinear):
         keep = dense.weight.detach() != 0
     else:
@@ -169,7 +174,7 @@ def _deploy_layer(layer: nn.Module) -> nn.Module:
         out = fmt.deploy_pinned_codebook(layer.in_features, layer.out_features, layer.labels().cpu(),
                                          layer.effective_codebook().detach().cpu(),
                                          None if bias is None else bias.cpu(), layer.codebook.dtype)
-        return out.to(device)  # (DeployedSparseCodebookLinear at density <= 0.15, see deploy())
+        return out.to(device)  # (DeployedSparseCodebookLinear where the path rule says so, see deploy())
 
 
 def _fuse_deployed(model: nn.Module) -> nn.Module:
@@ -198,10 +203,12 @@ def deploy(model: nn.Module) -> nn.Module:
       ``col_idx``, run by the sparse kernel), or ``DeployedDenseLinear`` (the masked dense
       weight) for layers denser than 0.4, where the sparse kernel is slower;
     - ``CodebookLinear`` -> ``DeployedCodebookLinear`` (indices + codebook, the codebook
-      kernel); a pruned + shared (``zero_pinned``) one of density <= 0.15 ->
+      kernel); a pruned + shared (``zero_pinned``) one of density <= 0.15, or a small one
+      (<= 65536 weights) of density <= 0.4 (``_path_rules.deploy_as_sparse_codebook``) ->
       ``DeployedSparseCodebookLinear`` (CSR positions + 4-bit codes + codebook, run from that
       compressed form by ``sparse_codebook_linear``, at least as fast as the other forms at
-      batch 1 there); a denser zero_pinned one -> ``DeployedSparseLinear`` holding the
+      batch 1 there, and small layers then join a pure sparse-codebook fused run); another
+      zero_pinned one -> ``DeployedSparseLinear`` holding the
       decoded values (``DeployedDenseLinear`` above density 0.4);
     - Sequential runs of deployed sparse layers (with ReLUs) -> ``DeployedSequential``: one
       fused call on the CPU.

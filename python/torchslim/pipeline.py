@@ -373,7 +373,7 @@ class Pipeline:
     def deploy_stage(self, final: nn.Module, name: str = "deploy") -> nn.Module | None:
         """When the final model shares weights, add a ``deploy`` stage: the same file, run
         as the deployed model (``torchslim.deploy``, what ``load(..., deploy=True)`` gives):
-        pruned + shared layers of density <= 0.15 in their compressed form
+        pruned + shared layers in their compressed form where the path rule says so
         (DeployedSparseCodebookLinear: CSR positions + 4-bit codes + codebook), denser ones
         as decoded sparse layers. The row reports the file's bytes (``bytes``) and the
         deployed model's weight bytes (``weight_bytes``: its buffers and parameters)."""

@@ -17,12 +17,10 @@ from torchslim.ops.sparse_codebook_linear import sparse_codebook_linear, sparse_
 MAX_CLUSTERS = 256
 PACKED_MAX_CLUSTERS = 16
 
-# Sparse-codebook rule for zero_pinned layers (measured against codebook_linear with 15
-# clusters + the pinned zero, packed, fp32; benchmarks/notes/sparse_codebook.md): the
-# sparse-codebook kernel is faster at density <= 0.15 for batch < 32, <= 0.4 from batch 32.
-SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH = 0.15
-SPARSE_CODEBOOK_MAX_DENSITY = 0.4
-SPARSE_CODEBOOK_MIN_BATCH = 32
+# Sparse-codebook rule for zero_pinned layers (torchslim._path_rules): the sparse-codebook
+# kernel is faster at density <= 0.15 for batch < 32, <= 0.4 from batch 32.
+from torchslim._path_rules import (SPARSE_CODEBOOK_MAX_DENSITY, SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH,  # noqa: E402,F401
+                                   SPARSE_CODEBOOK_MIN_BATCH, sparse_codebook_faster)
 
 _sc_op = torch.ops.torchslim.sparse_codebook_linear.default
 _is_compiling = torch.compiler.is_compiling
@@ -94,12 +92,6 @@ class _SparseCodebookFn(torch.autograd.Function):
         if need_bias:
             gb = grad.reshape(-1, grad.shape[-1]).sum(0)
         return gi, gc, gb, None, None, None, None, None
-
-
-def sparse_codebook_faster(density: float, batch: int) -> bool:
-    """The measured rule: does the sparse-codebook kernel beat codebook_linear (fp32)?"""
-    limit = SPARSE_CODEBOOK_MAX_DENSITY if batch >= SPARSE_CODEBOOK_MIN_BATCH else SPARSE_CODEBOOK_MAX_DENSITY_SMALL_BATCH
-    return density <= limit
 
 
 def _check_num_clusters(num_clusters) -> int:

@@ -16,7 +16,8 @@ MaskedSparseLinear / CodebookLinear modules themselves).
   positions (``row_ptr``, ``col_idx``), one 4-bit (or 8-bit) code per kept weight and the
   codebook, run by ``sparse_codebook_linear`` (no decoded values). Deploy picks it for
   zero_pinned layers of density <= 0.15 (there it is at least as fast as the other forms at
-  batch 1); denser ones get the decoded sparse (or dense) form.
+  batch 1) and small ones (<= 65536 weights) up to 0.4 (so that a pruned + shared MLP is one
+  fused chain); others get the decoded sparse (or dense) form (torchslim._path_rules).
 - ``DeployedSequential``: an ``nn.Sequential`` whose runs of float32 / float64
   DeployedSparseLinear layers (with ReLU, Identity, Dropout between them) run as one fused
   ``_sparse_mlp`` call on the CPU, as ``SparseSequential`` does for training-capable layers,
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torchslim.nn.masked_sparse_linear import SPARSE_MAX_DENSITY
+from torchslim._path_rules import deploy_as_dense
 from torchslim.ops import codebook_linear
 from torchslim.ops._reference import unpack_int4
 
@@ -308,7 +309,7 @@ def deployed_sparse(in_features, out_features, row_ptr, col_idx, values, bias, d
     """The deployed form of a sparse layer: DeployedSparseLinear, or DeployedDenseLinear when
     its density exceeds SPARSE_MAX_DENSITY (there the sparse kernel is slower)."""
     n = in_features * out_features
-    if n and col_idx.shape[0] / n > SPARSE_MAX_DENSITY:
+    if n and deploy_as_dense(col_idx.shape[0] / n):
         layer = DeployedSparseLinear(in_features, out_features, row_ptr, col_idx, values, None, dtype)
         return DeployedDenseLinear(layer._dense_weight(), bias)
     return DeployedSparseLinear(in_features, out_features, row_ptr, col_idx, values, bias, dtype)

@@ -20,14 +20,11 @@ _gather = torch.ops.torchslim._masked_gather.default
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 
-# Dense fallback rule (see the class docstring; the same numbers are in the C++ glue).
-SPARSE_MAX_DENSITY_BATCH1 = 0.25        # inference, batch 1, dense weight in cache
-SPARSE_MAX_DENSITY_BATCH1_LARGE = 0.45  # inference, batch 1, dense weight > LARGE_WEIGHT_BYTES
-LARGE_WEIGHT_BYTES = 16 * 1024 * 1024
-SMALL_WEIGHT_NUMEL = 32768              # inference, batch 1: dense below this many weights
-SPARSE_MAX_DENSITY = 0.4                # inference, batch > 1
-SPARSE_MAX_DENSITY_TRAIN = 0.35         # training (gradients needed), batch >= 64
-SPARSE_MAX_DENSITY_TRAIN_SMALL = 0.2    # training, batch < 64
+# Dense fallback rule (see the class docstring): torchslim._path_rules, the numbers the C++
+# glue uses too.
+from torchslim._path_rules import (LARGE_WEIGHT_BYTES, SMALL_WEIGHT_NUMEL, SPARSE_MAX_DENSITY,  # noqa: E402,F401
+                                   SPARSE_MAX_DENSITY_BATCH1, SPARSE_MAX_DENSITY_BATCH1_LARGE, SPARSE_MAX_DENSITY_TRAIN,
+                                   SPARSE_MAX_DENSITY_TRAIN_SMALL, TRAIN_MIN_BATCH, masked_sparse_faster)
 
 # One lock for every layer: rebuilds are rare (a mask or weight change), reads take no lock.
 _REBUILD_LOCK = threading.Lock()
@@ -179,13 +176,12 @@ class _Structure:
             self.t_perm = _ops._masked_structure_perm(self.row_ptr, self.col_idx, self.t_row_ptr)
         self.nnz = int(self.col_idx.shape[0])
         self.density = self.nnz / mask.numel() if mask.numel() else 0.0
-        large = mask.numel() * 4 > LARGE_WEIGHT_BYTES
-        d = self.density
-        self.sparse_b1 = mask.numel() > SMALL_WEIGHT_NUMEL and d <= (
-            SPARSE_MAX_DENSITY_BATCH1_LARGE if large else SPARSE_MAX_DENSITY_BATCH1)
-        self.sparse_bn = d <= SPARSE_MAX_DENSITY
-        self.sparse_train = d <= SPARSE_MAX_DENSITY_TRAIN
-        self.sparse_train_small = d <= SPARSE_MAX_DENSITY_TRAIN_SMALL
+        # The path rule (torchslim._path_rules) for the four cases forward() tells apart.
+        d, n = self.density, mask.numel()
+        self.sparse_b1 = masked_sparse_faster(d, 1, n)
+        self.sparse_bn = masked_sparse_faster(d, 2, n)
+        self.sparse_train = masked_sparse_faster(d, TRAIN_MIN_BATCH, n, training=True)
+        self.sparse_train_small = masked_sparse_faster(d, 1, n, training=True)
         # The sparse kernels need in_features > 0 and out_features > 0 (an empty layer runs dense).
         self.sparse_ok = mask.numel() > 0
         if not self.sparse_ok:
@@ -599,7 +595,7 @@ class MaskedSparseLinear(nn.Module):
         if forced is not None:
             sparse = forced == "sparse" and st.sparse_ok
         elif grad:
-            sparse = st.sparse_train if input.numel() >= 64 * self.in_features else st.sparse_train_small
+            sparse = st.sparse_train if input.numel() >= TRAIN_MIN_BATCH * self.in_features else st.sparse_train_small
         else:
             sparse = st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn
         if sparse:
@@ -634,7 +630,7 @@ class MaskedSparseLinear(nn.Module):
         if forced is not None:
             sparse = forced == "sparse" and st.sparse_ok
         elif grad:
-            sparse = st.sparse_train if input.numel() >= 64 * self.in_features else st.sparse_train_small
+            sparse = st.sparse_train if input.numel() >= TRAIN_MIN_BATCH * self.in_features else st.sparse_train_small
         else:
             sparse = st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn
         if not sparse:

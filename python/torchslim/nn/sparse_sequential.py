@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import torchslim.nn.masked_sparse_linear as _msl
-from torchslim.nn.masked_sparse_linear import (SMALL_WEIGHT_NUMEL, SPARSE_MAX_DENSITY_BATCH1_LARGE, MaskedSparseLinear,
-                                               _version)
+from torchslim._path_rules import FUSE_ANY_DENSITY_NUMEL, FUSE_MAX_DENSITY, joins_fused_run  # noqa: F401
+from torchslim.nn.masked_sparse_linear import MaskedSparseLinear, _version
 from torchslim.ops.sparse_mlp import sparse_mlp
 
 _is_compiling = torch.compiler.is_compiling
@@ -16,9 +16,7 @@ _grad_enabled = torch.is_grad_enabled
 _LOCK = threading.Lock()
 
 # A layer joins a fused run when the sparse kernel suits it at batch 1: sparse enough, or
-# small enough that the dispatch saved outweighs the slower product.
-FUSE_MAX_DENSITY = SPARSE_MAX_DENSITY_BATCH1_LARGE
-FUSE_ANY_DENSITY_NUMEL = 2 * SMALL_WEIGHT_NUMEL
+# small enough that the dispatch saved outweighs the slower product (_path_rules.joins_fused_run).
 
 
 class _Run:
@@ -100,7 +98,7 @@ def _fusable(m, previous) -> bool:
         return False
     if _msl._FORCED_PATH is not None:  # torchslim.nn.force_path: "sparse" fuses any layer ("dense" fuses none)
         return _msl._FORCED_PATH == "sparse"
-    return m.density <= FUSE_MAX_DENSITY or w.numel() <= FUSE_ANY_DENSITY_NUMEL
+    return joins_fused_run(m.density, w.numel())
 
 
 # Exact types: a subclass of nn.ReLU / nn.Dropout may compute something else (its forward is
