@@ -110,7 +110,7 @@ def main() -> None:
         r.update({"file_bytes": file_bytes, "weight_bytes_sparse_codebook_deploy": sc_bytes,
                   "weight_bytes_fp32_sparse_deploy": fp_bytes, "model": args.model or "synthetic",
                   "shape": "-".join(str(s) for s in [args.in_f, *args.hidden, args.classes])})
-    print(f"wrote {write_json('deploy', rows)}")
+    write_json("deploy", rows)
     if tmp is not None:
         tmp.cleanup()
 

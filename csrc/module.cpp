@@ -58,6 +58,7 @@ static py::dict path_rules() {
   d["masked_batch1_large_max_density"] = r::kMaskedBatch1LargeMaxDensity;
   d["masked_large_weight_bytes"] = r::kMaskedLargeWeightBytes;
   d["masked_max_density"] = r::kMaskedMaxDensity;
+  d["masked_max_density_low_precision"] = r::kMaskedMaxDensityLowPrecision;
   d["masked_train_max_density"] = r::kMaskedTrainMaxDensity;
   d["masked_train_small_max_density"] = r::kMaskedTrainSmallMaxDensity;
   d["masked_train_min_batch"] = r::kMaskedTrainMinBatch;
@@ -69,6 +70,6 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("build_info", &build_info, "What this extension was built with and the SIMD level chosen at run time.");
   mod.def("path_rules", &path_rules, "The masked sparse linear op's dense/sparse crossovers (ops/path_rules.h).");
   mod.def("masked_sparse_faster", &torchslim::rules::masked_sparse_faster, py::arg("density"), py::arg("batch"),
-          py::arg("weight_numel"), py::arg("training") = false,
+          py::arg("weight_numel"), py::arg("training") = false, py::arg("low_precision") = false,
           "The rule of ops/path_rules.h: does the masked sparse kernel beat the dense product?");
 }

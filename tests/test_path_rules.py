@@ -19,7 +19,23 @@ def test_masked_rule_cases():
     assert f(0.4, 2, small) and not f(0.41, 2, mid)
     assert f(0.35, 64, mid, True) and not f(0.36, 64, mid, True)
     assert f(0.2, 63, mid, True) and not f(0.21, 63, mid, True)
+    assert f(0.2, 8, mid, low_precision=True) and not f(0.21, 8, mid, low_precision=True)
+    assert f(0.25, 1, mid, low_precision=True)  # batch 1 reads memory: the same rule as fp32
     assert rules.SMALL_WEIGHT_NUMEL == small and rules.TRAIN_MIN_BATCH == 64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_layers_take_their_rule(dtype):
+    # At density 0.3 and batch 8 a float32 layer runs sparse, a bfloat16 one dense (its dense
+    # product runs bf16 dot products, the sparse kernel fp32 ones).
+    torch.manual_seed(1)
+    layer = MaskedSparseLinear.from_dense(nn.Linear(400, 300), mask=torch.rand(300, 400) < 0.3).to(dtype)
+    x = torch.randn(8, 400, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.last_path == ("sparse" if dtype == torch.float32 else "dense")
+    ref = nn.functional.linear(x.double(), (layer.weight * layer.mask).double(), layer.bias.double())
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=5e-2)
 
 
 @pytest.mark.parametrize("density", [0.1, 0.22, 0.3, 0.38, 0.5])

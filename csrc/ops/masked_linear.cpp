@@ -387,9 +387,10 @@ Tensor sddmm_cpu(const Tensor& g2d, const Tensor& x2d, const Tensor& row_ptr, co
 // ---------------------------------------------------------------- dense fallback rule
 
 // The rule of ops/path_rules.h (the same one the Python modules use). `training`: the
-// gradient kernels.
-bool prefer_dense(double density, int64_t batch, int64_t weight_numel, bool training = false) {
-  return !rules::masked_sparse_faster(density, batch, weight_numel, training);
+// gradient kernels; `dtype`: the weight's.
+bool prefer_dense(double density, int64_t batch, int64_t weight_numel, at::ScalarType dtype, bool training = false) {
+  const bool low = dtype == at::kBFloat16 || dtype == at::kHalf;
+  return !rules::masked_sparse_faster(density, batch, weight_numel, training, low);
 }
 
 // where(mask, weight, 0) (mask bool, of weight's shape and device): the dense paths' masked
@@ -552,7 +553,7 @@ Tensor masked_linear(const Tensor& input, const Tensor& weight, const Tensor& ma
   const int64_t N = weight.size(0), K = weight.size(1);
   const Tensor x2d = input.reshape({-1, K});
   const int64_t B = x2d.size(0);
-  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B, mask.numel())) {
+  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B, mask.numel(), weight.scalar_type())) {
     return at::linear(input, masked_dense_weight(weight, mask), bias.has_value() ? *bias : Tensor());
   }
   auto [row_ptr, col_idx] = build_structure(mask, false);
@@ -570,7 +571,7 @@ Tensor masked_linear_grad_input(const Tensor& grad_output, const Tensor& weight,
   const int64_t N = weight.size(0), K = weight.size(1);
   const Tensor g2d = grad_output.reshape({-1, N});
   const int64_t B = g2d.size(0);
-  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B, mask.numel(), true)) {
+  if (B == 0 || N == 0 || K == 0 || prefer_dense(mask_density(mask), B, mask.numel(), weight.scalar_type(), true)) {
     return at::matmul(grad_output, masked_dense_weight(weight, mask));
   }
   auto [t_ptr, t_idx] = build_structure(mask, true);
@@ -600,7 +601,7 @@ Tensor masked_linear_grad_weight(const Tensor& grad_output, const Tensor& input,
               x2d.size(0), " and ", g2d.size(0));
   const int64_t B = x2d.size(0);
   if (B == 0 || N == 0 || K == 0) return at::zeros({N, K}, input.options());
-  if (prefer_dense(mask_density(mask), B, mask.numel(), true)) {
+  if (prefer_dense(mask_density(mask), B, mask.numel(), input.scalar_type(), true)) {
     return masked_dense_weight(at::mm(g2d.t(), x2d), mask);
   }
   auto [row_ptr, col_idx] = build_structure(mask, false);

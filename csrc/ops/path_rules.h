@@ -18,8 +18,11 @@ constexpr int64_t kMaskedSmallWeightNumel = 32768;
 constexpr double kMaskedBatch1MaxDensity = 0.25;
 constexpr double kMaskedBatch1LargeMaxDensity = 0.45;
 constexpr int64_t kMaskedLargeWeightBytes = int64_t(16) << 20;
-// Inference, batch > 1.
+// Inference, batch > 1; for bfloat16 / float16 layers the dense product runs the CPU's
+// half-width dot products (oneDNN: AVX512_BF16) while the sparse kernel computes in fp32, so
+// the crossover is lower.
 constexpr double kMaskedMaxDensity = 0.4;
+constexpr double kMaskedMaxDensityLowPrecision = 0.2;
 // Training (forward + backward of one step): from kMaskedTrainMinBatch rows, and below it.
 constexpr double kMaskedTrainMaxDensity = 0.35;
 constexpr double kMaskedTrainSmallMaxDensity = 0.2;
@@ -28,13 +31,15 @@ constexpr int64_t kMaskedTrainMinBatch = 64;
 // Does the sparse kernel beat the dense product for a layer of weight_numel elements with
 // this density, at this batch (rows of the input)? `training`: a step that also needs the
 // gradients (the sparse forward, input-gradient and weight-gradient kernels together).
-inline bool masked_sparse_faster(double density, int64_t batch, int64_t weight_numel, bool training) {
+// `low_precision`: a bfloat16 / float16 layer.
+inline bool masked_sparse_faster(double density, int64_t batch, int64_t weight_numel, bool training,
+                                 bool low_precision = false) {
   if (training) return density <= (batch >= kMaskedTrainMinBatch ? kMaskedTrainMaxDensity : kMaskedTrainSmallMaxDensity);
   if (batch <= 1) {
     if (weight_numel <= kMaskedSmallWeightNumel) return false;
     return density <= (weight_numel * 4 > kMaskedLargeWeightBytes ? kMaskedBatch1LargeMaxDensity : kMaskedBatch1MaxDensity);
   }
-  return density <= kMaskedMaxDensity;
+  return density <= (low_precision ? kMaskedMaxDensityLowPrecision : kMaskedMaxDensity);
 }
 
 }  // namespace rules

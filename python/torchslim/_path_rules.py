@@ -29,13 +29,14 @@ SPARSE_MAX_DENSITY_BATCH1: float = _MASKED["masked_batch1_max_density"]        #
 SPARSE_MAX_DENSITY_BATCH1_LARGE: float = _MASKED["masked_batch1_large_max_density"]  # batch 1, weight > LARGE_WEIGHT_BYTES
 LARGE_WEIGHT_BYTES: int = _MASKED["masked_large_weight_bytes"]
 SPARSE_MAX_DENSITY: float = _MASKED["masked_max_density"]                      # inference, batch > 1
+SPARSE_MAX_DENSITY_LOW_PRECISION: float = _MASKED["masked_max_density_low_precision"]  # the same, bf16 / fp16
 SPARSE_MAX_DENSITY_TRAIN: float = _MASKED["masked_train_max_density"]          # training, batch >= TRAIN_MIN_BATCH
 SPARSE_MAX_DENSITY_TRAIN_SMALL: float = _MASKED["masked_train_small_max_density"]  # training, smaller batches
 TRAIN_MIN_BATCH: int = _MASKED["masked_train_min_batch"]
 
 
-# masked_sparse_faster(density, batch, weight_numel, training=False) -> bool: does the sparse
-# kernel beat the dense product? The C++ function itself (called once per structure build,
+# masked_sparse_faster(density, batch, weight_numel, training=False, low_precision=False) -> bool:
+# does the sparse kernel beat the dense product (low_precision: a bf16 / fp16 layer)? The C++ function itself (called once per structure build,
 # never per call), so that the glue and the modules cannot disagree.
 masked_sparse_faster = _C.masked_sparse_faster
 

@@ -26,6 +26,8 @@ from torchslim._path_rules import (LARGE_WEIGHT_BYTES, SMALL_WEIGHT_NUMEL, SPARS
                                    SPARSE_MAX_DENSITY_BATCH1, SPARSE_MAX_DENSITY_BATCH1_LARGE, SPARSE_MAX_DENSITY_TRAIN,
                                    SPARSE_MAX_DENSITY_TRAIN_SMALL, TRAIN_MIN_BATCH, masked_sparse_faster)
 
+_LOW_PRECISION = (torch.bfloat16, torch.float16)  # their own batch > 1 rule (the dense product is faster)
+
 # One lock for every layer: rebuilds are rare (a mask or weight change), reads take no lock.
 _REBUILD_LOCK = threading.Lock()
 _CACHE_SLOTS = ("_st", "_pk", "_pkt", "_dw")
@@ -162,7 +164,7 @@ class _Structure:
     """CSR of the mask by rows (forward, grad_weight) and by columns (grad_input)."""
 
     __slots__ = ("mask", "version", "ptr", "row_ptr", "col_idx", "t_row_ptr", "t_col_idx", "t_perm", "nnz", "density",
-                 "sparse_b1", "sparse_bn", "sparse_train", "sparse_train_small", "sparse_ok")
+                 "sparse_b1", "sparse_bn", "sparse_bn_low", "sparse_train", "sparse_train_small", "sparse_ok")
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
@@ -180,12 +182,13 @@ class _Structure:
         d, n = self.density, mask.numel()
         self.sparse_b1 = masked_sparse_faster(d, 1, n)
         self.sparse_bn = masked_sparse_faster(d, 2, n)
+        self.sparse_bn_low = masked_sparse_faster(d, 2, n, low_precision=True)  # bf16 / fp16 layers
         self.sparse_train = masked_sparse_faster(d, TRAIN_MIN_BATCH, n, training=True)
         self.sparse_train_small = masked_sparse_faster(d, 1, n, training=True)
         # The sparse kernels need in_features > 0 and out_features > 0 (an empty layer runs dense).
         self.sparse_ok = mask.numel() > 0
         if not self.sparse_ok:
-            self.sparse_b1 = self.sparse_bn = self.sparse_train = self.sparse_train_small = False
+            self.sparse_b1 = self.sparse_bn = self.sparse_bn_low = self.sparse_train = self.sparse_train_small = False
 
 
 class _Packed:
@@ -597,7 +600,8 @@ class MaskedSparseLinear(nn.Module):
         elif grad:
             sparse = st.sparse_train if input.numel() >= TRAIN_MIN_BATCH * self.in_features else st.sparse_train_small
         else:
-            sparse = st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn
+            sparse = st.sparse_b1 if input.numel() <= self.in_features else (
+                st.sparse_bn_low if weight.dtype in _LOW_PRECISION else st.sparse_bn)
         if sparse:
             self.__dict__["_last_path"] = "sparse"
             pk = self._pk
@@ -632,7 +636,8 @@ class MaskedSparseLinear(nn.Module):
         elif grad:
             sparse = st.sparse_train if input.numel() >= TRAIN_MIN_BATCH * self.in_features else st.sparse_train_small
         else:
-            sparse = st.sparse_b1 if input.numel() <= self.in_features else st.sparse_bn
+            sparse = st.sparse_b1 if input.numel() <= self.in_features else (
+                st.sparse_bn_low if weight.dtype in _LOW_PRECISION else st.sparse_bn)
         if not sparse:
             self._last_path = "dense"
             return F.linear(input, _MaskedDenseFn.apply(weight, mask), bias)
