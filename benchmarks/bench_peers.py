@@ -11,6 +11,9 @@ ReLU, Linear(3072, 768)):
   * mlp: the same per layer, plus torchslim's fused ``SparseSequential`` (``to_sparse``).
   * kd_loss: forward + backward of the KD loss, eager PyTorch composite, ``torch.compile``
     of the same composite and torchslim ``kd_kl_div`` (fp32 and bf16).
+  * train: one training step's forward + backward (input and weight gradients, fp32) of a
+    pruned layer: dense ``nn.Linear`` (the masked weight), torchslim ``MaskedSparseLinear`` and,
+    when importable, SparseProp's ``SparseLinear`` (built from the same masked weight).
   * DeepSparse (inference) and SparseProp (training) only where importable; otherwise the
     JSON records them as not installed.
 
@@ -56,6 +59,8 @@ FULL = {
     "mlp": True,
     "kd_shapes": [(4096, 10), (4096, 100), (512, 32000), (64, 128256)],
     "kd_dtypes": ["fp32", "bf16"],
+    "train_shapes": [(3072, 768), (768, 3072), (4096, 4096)],
+    "train_batches": [16, 64, 256],
 }
 QUICK = {
     "shapes": [(4096, 4096), (3072, 768)],
@@ -65,6 +70,8 @@ QUICK = {
     "mlp": True,
     "kd_shapes": [(4096, 10), (512, 32000)],
     "kd_dtypes": ["fp32", "bf16"],
+    "train_shapes": [(3072, 768)],
+    "train_batches": [64, 256],
 }
 INT4_GROUP = 128
 KD_T = 4.0
@@ -92,6 +99,57 @@ class Ceilings:
     def as_dict(self) -> dict:
         return {"llc_bytes": self.llc, "read_bw_dram_GBs": self.bw_dram, "read_bw_llc_GBs": self.bw_llc,
                 "gemm_fp32_GFLOPs": self.gemm["fp32"], "gemm_bf16_GFLOPs": self.gemm["bf16"]}
+
+
+# ------------------------------------------------------------------ training step
+
+
+def train_case(shape, batch, cfg, peers, ceil, run_time, rows):
+    """Forward + backward (input and weight gradients) of one pruned layer, fp32."""
+    from torchslim.nn import MaskedSparseLinear
+
+    out_f, in_f = shape
+    name = f"{out_f}x{in_f}"
+    gen = torch.Generator().manual_seed(out_f * 11 + in_f)
+    x = torch.randn(batch, in_f, generator=gen, requires_grad=True)
+    grad = torch.randn(batch, out_f, generator=gen)
+    for sp in cfg["sparsities"]:
+        mask = _random_mask(out_f, in_f, sp, gen)
+        nnz = int(mask.sum())
+        dense = nn.Linear(in_f, out_f)
+        with torch.no_grad():
+            dense.weight.mul_(mask)
+        ours = MaskedSparseLinear.from_dense(copy.deepcopy(dense), mask).train()
+        fns = {"dense_fp32": dense, "torchslim_sparse": ours}
+        if peers["sparseprop"].startswith("installed"):
+            from sparseprop.modules import SparseLinear
+
+            fns["sparseprop"] = SparseLinear.from_dense(copy.deepcopy(dense))
+
+        def step(m):
+            def fn():
+                m.zero_grad(set_to_none=True)
+                x.grad = None
+                m(x).backward(grad)
+            return fn
+
+        # the same gradients from every implementation before timing them (kept weights in
+        # row-major order: the mask's, and SparseProp's CSR values)
+        grads = {}
+        for impl, m in fns.items():
+            step(m)()
+            gw = m.W_val.grad if impl == "sparseprop" else m.weight.grad[mask]
+            grads[impl] = (x.grad.clone(), gw.clone())
+        for impl in fns:
+            for got, want in zip(grads[impl], grads["dense_fp32"]):
+                torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        t = time_interleaved({impl: step(m) for impl, m in fns.items()}, rounds=3, min_run_time=run_time)
+        act = 4 * batch * (in_f + out_f) * 3  # x, grad and their gradients, read or written
+        floors = {"dense_fp32": ceil.floor_ms(3 * 4 * out_f * in_f + act, 3 * 2 * batch * out_f * in_f)}
+        floors["torchslim_sparse"] = floors["sparseprop"] = ceil.floor_ms(3 * nnz * 6 + act, 3 * 2 * batch * nnz)
+        for impl in fns:
+            rows.append(_row("train", name, batch, impl, t[impl], floors[impl], sparsity=sp,
+                             note="forward + backward (input and weight gradients), fp32"))
 
 
 # ------------------------------------------------------------------ peers that may be absent
@@ -482,7 +540,7 @@ def main(argv=None) -> int:
                       help="render a peers.json (default benchmarks/results/peers.json) as markdown and exit")
     parser.add_argument("--shapes", type=_shapes, help="override the linear shapes, e.g. 4096x4096,768x3072")
     parser.add_argument("--batches", type=_ints, help="override the batch sizes, e.g. 1,64")
-    parser.add_argument("--cases", default="linear,mlp,kd_loss", help="which cases to run (%(default)s)")
+    parser.add_argument("--cases", default="linear,mlp,kd_loss,train", help="which cases to run (%(default)s)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None, help="output path (default benchmarks/results/peers.json)")
     parser.add_argument("--out", default=None, help="with --markdown: write the table here instead of stdout")
@@ -512,9 +570,9 @@ def main(argv=None) -> int:
     if args.batches:
         cfg["batches"] = args.batches
     cases = {c.strip() for c in args.cases.split(",") if c.strip()}
-    unknown = cases - {"linear", "mlp", "kd_loss"}
+    unknown = cases - {"linear", "mlp", "kd_loss", "train"}
     if unknown:
-        parser.error(f"--cases: unknown {sorted(unknown)}; choose from linear, mlp, kd_loss")
+        parser.error(f"--cases: unknown {sorted(unknown)}; choose from linear, mlp, kd_loss, train")
     run_time = 0.05 if args.quick else 0.2
 
     peers = probe_peers()
@@ -539,10 +597,14 @@ def main(argv=None) -> int:
     if ds_python is None:
         rows.append(_row("peer", "-", None, "deepsparse", {"p50": None, "p20": None, "p80": None}, None,
                          note=peers["deepsparse"]))
-    # SparseProp (sparse training) is only probed: its training step is not measured here yet.
-    note = peers["sparseprop"] if not peers["sparseprop"].startswith("installed") else \
-        f"{peers['sparseprop']}: importable, its training step is not measured by this benchmark yet"
-    rows.append(_row("peer", "-", None, "sparseprop", {"p50": None, "p20": None, "p80": None}, None, note=note))
+    if "train" in cases:
+        for shape in cfg["train_shapes"]:
+            for batch in cfg["train_batches"]:
+                train_case(shape, batch, cfg, peers, ceil, run_time, rows)
+                print(f"train {shape[0]}x{shape[1]} batch {batch}: done", flush=True)
+    if not peers["sparseprop"].startswith("installed"):
+        rows.append(_row("peer", "-", None, "sparseprop", {"p50": None, "p20": None, "p80": None}, None,
+                         note=peers["sparseprop"]))
     _set_ratios(rows)
     print_table(rows, COLUMNS, title="peers (ratio = dense fp32 time / this time)")
     out = write_json("peers", rows, path=args.json)
